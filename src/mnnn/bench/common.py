@@ -1,0 +1,62 @@
+"""Helpers every benchmark suite shares: timing, provenance, JSON and plots."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mnnn.serialization import atomic_write
+
+
+def median_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> tuple[float, list[float]]:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs (and all the runs)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def provenance(config: dict[str, Any]) -> dict[str, Any]:
+    """What is needed to trace and rerun a result: config, git revision, machine, date."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    return {
+        "config": config,
+        "git_revision": rev,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    text = json.dumps(payload, indent=2, default=float)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

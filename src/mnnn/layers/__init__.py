@@ -1,0 +1,16 @@
+"""nn.Modules built on ``mnnn.ops``; one file per layer."""
+
+from mnnn.layers.associative import AssociativeManifold
+from mnnn.layers.liquid import LiquidLayer
+from mnnn.layers.lru import LRU
+from mnnn.layers.memory_cells import AMRCCell, AMRCState, PMRCCell, PMRCState
+
+__all__ = [
+    "AMRCCell",
+    "AMRCState",
+    "AssociativeManifold",
+    "LRU",
+    "LiquidLayer",
+    "PMRCCell",
+    "PMRCState",
+]

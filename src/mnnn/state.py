@@ -1,0 +1,82 @@
+"""The state contract shared by every stateful layer and model.
+
+Every stateful module implements::
+
+    forward(x, state=None) -> (y, state)   # x: [B, T, ...], the fast form
+    step(x_t, state)       -> (y_t, state) # x_t: [B, ...], one time step
+    init_state(batch_size) -> state
+
+States are dataclasses of tensors deriving from :class:`TensorState`, so truncated BPTT can
+cut the graph with ``state.detach()`` whatever the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, TypeVar
+
+import torch
+
+S = TypeVar("S", bound="TensorState")
+
+
+@dataclasses.dataclass
+class TensorState:
+    """Base class for recurrent states: a dataclass whose fields are tensors (or nested states)."""
+
+    def map(self: S, fn: Callable[[torch.Tensor], torch.Tensor]) -> S:
+        """Apply ``fn`` to every tensor field and return a new state of the same type."""
+        values = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, TensorState):
+                values[field.name] = value.map(fn)
+            elif isinstance(value, torch.Tensor):
+                values[field.name] = fn(value)
+            else:
+                values[field.name] = value
+        return type(self)(**values)
+
+    def detach(self: S) -> S:
+        """Cut the autograd graph (truncated BPTT) without copying data."""
+        return self.map(torch.Tensor.detach)
+
+    def clone(self: S) -> S:
+        return self.map(torch.Tensor.clone)
+
+    def to(self: S, *args, **kwargs) -> S:
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``{name: tensor}`` view, with nested states as ``outer.inner`` (for saving)."""
+        out: dict[str, torch.Tensor] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, TensorState):
+                out.update({f"{field.name}.{k}": v for k, v in value.tensors().items()})
+            elif isinstance(value, torch.Tensor):
+                out[field.name] = value
+        return out
+
+    @classmethod
+    def from_tensors(cls: type[S], tensors: dict[str, torch.Tensor]) -> S:
+        """Inverse of :meth:`tensors`."""
+        values = {}
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name in hints:
+            nested = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            if nested:
+                field_cls = _resolve_state_type(cls, name)
+                values[name] = field_cls.from_tensors(nested)
+            else:
+                values[name] = tensors[name]
+        return cls(**values)
+
+
+def _resolve_state_type(cls: type, name: str) -> type[TensorState]:
+    import typing
+
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, type) and issubclass(hint, TensorState):
+        return hint
+    raise TypeError(f"field {cls.__name__}.{name} is not a TensorState type (got {hint!r})")

@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from mnnn.cli import build_parser, main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("demo", "bench", "info"):
+        assert cmd in out
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    for action in parser._subparsers._group_actions[0].choices.values():
+        for opt in action._actions:
+            if opt.dest != "help":
+                assert opt.help, f"{action.prog} {opt.dest} has no help"
+
+
+def test_bench_estimators_toy(tmp_path):
+    assert main(["bench", "estimators", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
+    payload = json.loads((tmp_path / "estimators.json").read_text())
+    assert payload["suite"] == "estimators" and "git_revision" in payload and payload["config"]
+    assert {r["model"] for r in payload["results"]} == {"amrc", "pmrc", "amn", "lstm", "gru"}
+    assert max(payload["verify_max_abs_err"].values()) < 1e-4
+    assert (tmp_path / "estimators.png").stat().st_size > 0
+    assert (tmp_path / "estimators.md").read_text().startswith("| model")
+
+
+def test_bench_unknown_suite(tmp_path, capsys):
+    assert main(["bench", "nope", "--out", str(tmp_path)]) == 2
+    assert "known" in capsys.readouterr().err
+
+
+def test_demo_runs(tmp_path):
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path), "--quiet"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"amrc", "pmrc", "amn"}
+    assert (tmp_path / "predictions.png").exists() and (tmp_path / "amn.safetensors").exists()
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    assert "torch" in capsys.readouterr().out
