@@ -4,6 +4,7 @@ from mnnn.layers.associative import AssociativeManifold
 from mnnn.layers.liquid import LiquidLayer
 from mnnn.layers.lru import LRU
 from mnnn.layers.memory_cells import AMRCCell, AMRCState, PMRCCell, PMRCState
+from mnnn.layers.spiking import SpikingLayer, SpikingState
 
 __all__ = [
     "AMRCCell",
@@ -13,4 +14,6 @@ __all__ = [
     "LiquidLayer",
     "PMRCCell",
     "PMRCState",
+    "SpikingLayer",
+    "SpikingState",
 ]

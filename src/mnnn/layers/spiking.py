@@ -1,0 +1,129 @@
+"""SpikingLayer: linear input, leaky integrate-and-fire over time, optional episodic read."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mnnn.memory.episodic import Memory
+from mnnn.ops.lif import lif, surrogate_derivative
+from mnnn.ops.lif.surrogates import spike
+from mnnn.state import TensorState
+
+
+@dataclasses.dataclass
+class SpikingState(TensorState):
+    u: torch.Tensor  # [B, out_features] membrane potential
+
+
+class SpikingLayer(nn.Module):
+    """Leaky integrate-and-fire layer (seeds/000) with surrogate gradients.
+
+    .. math::
+        I_t = W x_t + b \\; [+\\, W_m \\operatorname{Memory.get\\_memory}(x_t)], \\qquad
+        u_t = \\beta u_{t-1} + I_t - H(u_{t-1} - \\theta)\\,\\theta, \\qquad
+        s_t = H(u_t - \\theta)
+
+    (reset ``'zero'``: :math:`u_t = \\beta (1 - H(u_{t-1} - \\theta)) u_{t-1} + I_t`). The spike's
+    backward uses ``spike_grad``: 'fast_sigmoid' (slope 25), 'atan', 'sigmoid' or 'triangular'
+    (see :mod:`mnnn.ops.lif.surrogates`). The time loop is :func:`mnnn.ops.lif.lif` (fused, hand-written
+    backward). The episodic read needs ``in_features == memory.embedding_dim``; it is fused into
+    the membrane input through ``W_m`` (initialised to zero, so a fresh layer ignores memory).
+
+    ``forward(x, state) -> (spikes, state)`` follows the library's state contract (the seed's
+    ``forward(x) -> Tensor`` returned spikes only). Spike statistics accumulate over calls until
+    :meth:`reset_state`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, memory: Memory | None = None,
+                 beta: float = 0.95, threshold: float = 1.0, spike_grad: str = "fast_sigmoid",
+                 reset: Literal["subtract", "zero"] = "subtract", memory_top_k: int = 5):
+        super().__init__()
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold!r}")
+        surrogate_derivative(spike_grad)
+        if reset not in ("subtract", "zero"):
+            raise ValueError(f"reset must be 'subtract' or 'zero', got {reset!r}")
+        if memory is not None and memory.embedding_dim != in_features:
+            raise ValueError(f"memory.embedding_dim ({memory.embedding_dim}) must equal in_features ({in_features})")
+        self.in_features, self.out_features = in_features, out_features
+        self.beta, self.threshold, self.spike_grad, self.reset = float(beta), float(threshold), spike_grad, reset
+        self.fc = nn.Linear(in_features, out_features)
+        self.memory = memory
+        self.memory_top_k = memory_top_k
+        if memory is not None:
+            self.mem_proj = nn.Linear(memory.value_dim, out_features, bias=False)
+            nn.init.zeros_(self.mem_proj.weight)
+        self.reset_state()
+
+    def init_state(self, batch_size: int) -> SpikingState:
+        return SpikingState(u=self.fc.weight.new_zeros(batch_size, self.out_features))
+
+    def reset_state(self) -> None:
+        """Clear the accumulated spike statistics."""
+        self._spike_sum = None  # [out] spikes per neuron
+        self._steps = 0  # time steps x batch seen
+        self._first_spike: list[torch.Tensor] = []
+
+    def input_current(self, x: torch.Tensor) -> torch.Tensor:
+        current = self.fc(x)
+        if self.memory is not None and len(self.memory) > 0:
+            flat = x.reshape(-1, self.in_features)
+            read = self.memory.get_memory(flat, self.memory_top_k)
+            current = current + self.mem_proj(read.to(current.dtype)).view(*x.shape[:-1], self.out_features)
+        return current
+
+    def forward(self, x: torch.Tensor, state: SpikingState | None = None):
+        """x ``[B, T, in_features]`` -> (spikes ``[B, T, out_features]``, state)."""
+        if x.dim() != 3 or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected x of shape [B, T, {self.in_features}], got {tuple(x.shape)}")
+        state = self.init_state(x.shape[0]) if state is None else state
+        spikes, _, u = lif(self.input_current(x), state.u, self.beta, self.threshold, self.spike_grad, self.reset)
+        self._accumulate(spikes.detach())
+        return spikes, SpikingState(u=u)
+
+    def step(self, x_t: torch.Tensor, state: SpikingState):
+        current = self.input_current(x_t[:, None])[:, 0]
+        r = (state.u > self.threshold).to(current.dtype)
+        if self.reset == "subtract":
+            u = self.beta * state.u + current - r * self.threshold
+        else:
+            u = self.beta * (1.0 - r) * state.u + current
+        s = spike(u - self.threshold, self.spike_grad)
+        self._accumulate(s.detach()[:, None])
+        return s, SpikingState(u=u)
+
+    @torch.no_grad()
+    def _accumulate(self, spikes: torch.Tensor) -> None:
+        B, T, _ = spikes.shape
+        total = spikes.sum(dim=(0, 1))
+        self._spike_sum = total if self._spike_sum is None else self._spike_sum + total
+        self._steps += B * T
+        fired = spikes.any(dim=1)  # [B, F]
+        first = spikes.argmax(dim=1).float().masked_fill(~fired, float("nan"))
+        self._first_spike.append(first.reshape(-1))
+
+    def get_stats(self) -> dict[str, object]:
+        """spike_rate (spikes per neuron per step), per-neuron rate quantiles, first_spike_time
+        (mean step of a neuron's first spike in a call, over neurons that fired), spikes_per_token
+        (spikes of the whole layer per time step), silent_fraction (neurons that never fired)."""
+        if self._spike_sum is None:
+            return {"spike_rate": 0.0, "spikes_per_token": 0.0, "silent_fraction": 1.0, "steps": 0,
+                    "first_spike_time": float("nan"), "rate_quantiles": {}}
+        rates = self._spike_sum / self._steps
+        first = torch.cat(self._first_spike)
+        first = first[~first.isnan()]
+        qs = torch.quantile(rates.float(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float32))
+        return {
+            "spike_rate": float(rates.mean()),
+            "rate_quantiles": {"p10": float(qs[0]), "p50": float(qs[1]), "p90": float(qs[2])},
+            "first_spike_time": float(first.mean()) if first.numel() else float("nan"),
+            "spikes_per_token": float(self._spike_sum.sum() / self._steps),
+            "silent_fraction": float((self._spike_sum == 0).float().mean()),
+            "steps": self._steps,
+        }

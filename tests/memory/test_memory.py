@@ -1,0 +1,185 @@
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mnnn.memory import Memory, dequantize_rows, quantize_rows
+
+
+def brute_force_topk(memory: Memory, query: torch.Tensor, k: int):
+    with torch.no_grad():
+        scores = memory.proj(query) @ memory.proj(memory.stored_keys()).T / math.sqrt(memory.compressed_dim)
+    return scores.topk(k, dim=1)
+
+
+def test_topk_equals_brute_force_fp32():
+    torch.manual_seed(0)
+    m = Memory(256, 32, compressed_dim=16, quantize=False)
+    m.add_to_memory(torch.randn(200, 32), torch.randn(200, 32))
+    q = torch.randn(10, 32)
+    read = m.search(q, top_k=7)
+    ref_scores, ref_idx = brute_force_topk(m, q, 7)
+    assert torch.equal(read.indices, ref_idx)
+    torch.testing.assert_close(read.scores, ref_scores, rtol=1e-5, atol=1e-5)
+    values = m.stored_values()[ref_idx]
+    torch.testing.assert_close(read.values, (torch.softmax(ref_scores, 1)[..., None] * values).sum(1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_query_and_projection():
+    m = Memory(16, 8, compressed_dim=4, quantize=False)
+    m.add_to_memory(torch.randn(10, 8), torch.randn(10, 8))
+    q = torch.randn(3, 8, requires_grad=True)
+    m.get_memory(q, 3).sum().backward()
+    assert q.grad.abs().sum() > 0 and m.proj.weight.grad.abs().sum() > 0
+
+
+def test_int8_recall_and_bytes():
+    torch.manual_seed(0)
+    n, d = 100_000, 128
+    keys = F.normalize(torch.randn(n, d), dim=1)
+    vals = torch.arange(n)
+    fp = Memory(n, d, compressed_dim=d, quantize=False, value_dim=1)
+    q8 = Memory(n, d, compressed_dim=d, quantize=True, quantization_bits=8, value_dim=1)
+    q8.proj.load_state_dict(fp.proj.state_dict())
+    fp.add_to_memory(keys, vals)
+    q8.add_to_memory(keys, vals)
+    queries = F.normalize(keys[:200] + 0.3 * torch.randn(200, d), dim=1)
+    a, b = fp.search(queries, 5).indices, q8.search(queries, 5).indices
+    recall = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(a, b)) / a.numel()
+    assert recall >= 0.95, recall
+    # compression_ratio = fp32 key bytes / stored key bytes (int8 codes + a float32 scale per row)
+    assert fp.get_memory_stats()["compression_ratio"] == 1.0
+    assert q8.get_memory_stats()["compression_ratio"] >= 3.5
+
+
+@settings(max_examples=50, deadline=None)
+@given(rows=st.integers(1, 5), dim=st.integers(1, 33), bits=st.sampled_from([4, 8]),
+       scale=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_quantization_error_bounded_by_half_scale(rows, dim, bits, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=g) * scale
+    codes, scales = quantize_rows(x, bits)
+    back = dequantize_rows(codes, scales, bits, dim)
+    assert (back - x).abs().le(scales[:, None] / 2 * (1 + 1e-5) + 1e-6 * scale).all()
+    # no wrap-around: the largest element keeps its sign and magnitude
+    i = x.abs().argmax(dim=1)
+    assert torch.all(torch.sign(back.gather(1, i[:, None])) == torch.sign(x.gather(1, i[:, None])))
+
+
+def test_int4_packs_two_per_byte():
+    m = Memory(8, 33, compressed_dim=8, quantization_bits=4)
+    assert m.key_codes.shape[1] == 17 and m.key_codes.dtype == torch.uint8
+
+
+def test_growth_then_pruning_then_eviction_order():
+    m = Memory(4, 4, compressed_dim=4, quantize=False, max_size=6, growth_factor=1.5, prune_threshold=0.5,
+               value_dim=1)
+    keys = torch.eye(4).repeat(2, 1)[:6] * 10
+    m.add_to_memory(keys[:4], torch.arange(4))
+    assert m.capacity == 4
+    m.add_to_memory(keys[4:6], torch.tensor([4, 5]))  # grows 4 -> 6
+    assert m.capacity == 6 and len(m) == 6 and m.get_memory_stats()["expansions"] == 1
+    # hand-made usage: entries 0..5 get 5, 0, 3, 0, 4, 2 over 10 reads
+    with torch.no_grad():
+        m.usage[:6] = torch.tensor([5.0, 0.0, 3.0, 0.0, 4.0, 2.0])
+        m.clock.fill_(10)
+    # full at max_size: prune removes utility < 0.5 * mean (mean 0.233): the two zeros
+    m.add_to_memory(torch.randn(1, 4), torch.tensor([6]))
+    ids = m.stored_values()[:, 0].tolist()
+    assert sorted(ids) == [0, 2, 4, 5, 6] and m.get_memory_stats()["pruned"] == 2
+    m.prune_threshold = 0.0  # nothing falls below the prune bar any more
+    m.add_to_memory(torch.randn(1, 4), torch.tensor([7]))
+    # full, nothing to prune: evict the lowest utility, the oldest first among ties (6 before 7)
+    m.add_to_memory(torch.randn(1, 4), torch.tensor([8]))
+    ids = m.stored_values()[:, 0].tolist()
+    assert 6 not in ids and 7 in ids and 8 in ids and m.get_memory_stats()["evicted"] == 1
+
+
+def test_state_dict_round_trip_restores_store():
+    torch.manual_seed(0)
+    m = Memory(4, 8, compressed_dim=4, quantization_bits=8)
+    m.add_to_memory(torch.randn(10, 8), torch.randn(10, 8))  # grew past initial_size
+    m.get_memory(torch.randn(3, 8))
+    fresh = Memory(4, 8, compressed_dim=4, quantization_bits=8)
+    fresh.load_state_dict(m.state_dict())
+    assert len(fresh) == 10 and fresh.capacity == m.capacity
+    for name, buf in m.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], buf), name
+    q = torch.randn(2, 8)
+    torch.testing.assert_close(fresh.get_memory(q), m.get_memory(q))
+
+
+def test_stats_hits_and_empty_reads():
+    m = Memory(8, 4, compressed_dim=4, quantize=False, similarity_threshold=0.9)
+    out = m.get_memory(torch.randn(2, 4))
+    assert out.shape == (2, 4) and out.abs().sum() == 0
+    stats = m.get_memory_stats()
+    assert stats["reads"] == 2 and stats["hit_rate"] == 0.0
+    key = torch.randn(1, 4)
+    m.add_to_memory(key, torch.ones(1, 4))
+    m.get_memory(key)  # exact match: cosine 1 -> hit
+    m.get_memory(-key)  # opposite: cosine -1 -> miss
+    assert m.get_memory_stats()["hit_rate"] == pytest.approx(1 / 4)
+    read = m.search(key, top_k=5)  # more than stored: returns what exists
+    assert read.indices.shape == (1, 1)
+
+
+def test_bad_input():
+    m = Memory(8, 4, compressed_dim=4)
+    with pytest.raises(ValueError, match=r"\[N, 4\]"):
+        m.add_to_memory(torch.randn(2, 5), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        m.add_to_memory(torch.full((1, 4), float("nan")), torch.randn(1, 4))
+    with pytest.raises(ValueError, match="top_k"):
+        m.get_memory(torch.randn(1, 4), top_k=0)
+    with pytest.raises(ValueError, match="quantization_bits"):
+        Memory(8, 4, quantization_bits=3)
+    with pytest.raises(ValueError, match="rank"):
+        Memory(8, 4, world_size=2, rank=2)
+    with pytest.raises(ValueError, match="torch.distributed"):
+        Memory(8, 4, distributed=True, world_size=2, rank=0)
+    with pytest.raises(ValueError, match="same number of rows"):
+        m.add_to_memory(torch.randn(2, 4), torch.randn(3, 4))
+
+
+def _distributed_worker(rank, world, port, keys, vals, queries, out):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    m = Memory(64, keys.shape[1], compressed_dim=8, quantize=False, distributed=True,
+               world_size=world, rank=rank)
+    m.add_to_memory(keys, vals)
+    read = m.search(queries, top_k=5)
+    out[rank] = (read.indices.clone(), read.values.detach().clone(), len(m))
+    dist.destroy_process_group()
+
+
+def test_distributed_two_gloo_ranks_equal_one_process():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(1)
+    keys, vals, queries = torch.randn(50, 12), torch.randn(50, 12), torch.randn(6, 12)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_distributed_worker, args=(2, port, keys, vals, queries, out), nprocs=2, join=True)
+    torch.manual_seed(0)
+    single = Memory(64, 12, compressed_dim=8, quantize=False)
+    single.add_to_memory(keys, vals)
+    ref = single.search(queries, top_k=5)
+    assert out[0][2] + out[1][2] == 50  # each entry lives on exactly one rank
+    for rank in (0, 1):
+        idx, values, _ = out[rank]
+        assert torch.equal(idx, ref.indices)
+        torch.testing.assert_close(values, ref.values.detach(), rtol=1e-5, atol=1e-6)
