@@ -26,6 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(BIN)/mnnn bench all --out runs/bench
 
 clean:

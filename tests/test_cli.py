@@ -47,3 +47,12 @@ def test_demo_runs(tmp_path):
 def test_info(capsys):
     assert main(["info"]) == 0
     assert "torch" in capsys.readouterr().out
+
+
+def test_bench_memory_toy(tmp_path):
+    assert main(["bench", "memory", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
+    payload = json.loads((tmp_path / "memory.json").read_text())
+    kinds = {r["kind"] for r in payload["results"]}
+    assert kinds == {"get_memory", "lif_fwd_bwd"}
+    assert payload["results"][0]["topk_agreement_bruteforce"] >= 0.99
+    assert (tmp_path / "memory.png").stat().st_size > 0

@@ -7,6 +7,7 @@ from typing import Callable
 
 SUITES: dict[str, str] = {
     "estimators": "mnnn.bench.estimators",
+    "memory": "mnnn.bench.memory",
 }
 
 
