@@ -183,3 +183,18 @@ def test_distributed_two_gloo_ranks_equal_one_process():
         idx, values, _ = out[rank]
         assert torch.equal(idx, ref.indices)
         torch.testing.assert_close(values, ref.values.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_pca_refit_every_compression_interval():
+    torch.manual_seed(0)
+    # keys live in a 3-dimensional subspace of R^16: PCA must find it
+    basis = torch.linalg.qr(torch.randn(16, 3))[0]
+    keys = torch.randn(40, 3) @ basis.T
+    m = Memory(64, 16, compressed_dim=3, quantize=False, pca_refit=True, compression_interval=20)
+    before = m.proj.weight.clone()
+    m.add_to_memory(keys[:10], torch.randn(10, 16))
+    assert torch.equal(m.proj.weight, before)  # 10 writes: no refit yet
+    m.add_to_memory(keys[10:], torch.randn(30, 16))  # crosses 20 writes: refit
+    rows = m.proj.weight / m.proj.weight.norm(dim=1, keepdim=True)
+    # every projection row lies in the keys' subspace
+    torch.testing.assert_close(rows @ basis @ basis.T, rows, atol=1e-4, rtol=1e-4)
