@@ -56,3 +56,11 @@ def test_bench_memory_toy(tmp_path):
     assert kinds == {"get_memory", "lif_fwd_bwd"}
     assert payload["results"][0]["topk_agreement_bruteforce"] >= 0.99
     assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+def test_bench_ssmn_toy(tmp_path):
+    assert main(["bench", "ssmn", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
+    payload = json.loads((tmp_path / "ssmn.json").read_text())
+    kinds = {r["kind"] for r in payload["results"]}
+    assert kinds == {"kernel", "standard_epoch", "text_generation"}
+    assert all(r["max_rel_err"] < 1e-4 for r in payload["results"] if r["kind"] == "kernel")

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark suite",
                            description="Verify correctness, then time models against baselines in the "
                            "same process; writes <suite>.json, <suite>.md and <suite>.png.")
-    bench.add_argument("suite", help="suite name ('estimators', 'memory') or 'all'")
+    bench.add_argument("suite", help="suite name ('estimators', 'memory', 'ssmn') or 'all'")
     bench.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     bench.add_argument("--preset", choices=["default", "toy"], default="default",
                        help="'default' sizes for this CPU, or 'toy' (seconds, used by the tests)")

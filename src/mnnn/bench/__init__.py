@@ -8,6 +8,7 @@ from typing import Callable
 SUITES: dict[str, str] = {
     "estimators": "mnnn.bench.estimators",
     "memory": "mnnn.bench.memory",
+    "ssmn": "mnnn.bench.ssmn",
 }
 
 

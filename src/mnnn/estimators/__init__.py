@@ -7,6 +7,7 @@ from mnnn.estimators.amrc import AMRC
 from mnnn.estimators.base import SequenceEstimator
 from mnnn.estimators.baselines import GRURegressor, LSTMRegressor
 from mnnn.estimators.pmrc import PMRC
+from mnnn.estimators.ssmn import SparseStreamMemoryNetwork
 
 MODELS: dict[str, type[SequenceEstimator]] = {
     "amrc": AMRC,
@@ -14,6 +15,7 @@ MODELS: dict[str, type[SequenceEstimator]] = {
     "amn": AMN,
     "lstm": LSTMRegressor,
     "gru": GRURegressor,
+    "ssmn": SparseStreamMemoryNetwork,
 }
 
 
@@ -27,4 +29,5 @@ def create_model(model_type: str, **kwargs) -> SequenceEstimator:
     return MODELS[key](**kwargs)
 
 
-__all__ = ["AMN", "AMRC", "GRURegressor", "LSTMRegressor", "MODELS", "PMRC", "SequenceEstimator", "create_model"]
+__all__ = ["AMN", "AMRC", "GRURegressor", "LSTMRegressor", "MODELS", "PMRC", "SequenceEstimator", "SparseStreamMemoryNetwork",
+           "create_model"]

@@ -62,7 +62,7 @@ def _as_float_array(value: Any, name: str) -> np.ndarray:
 
 
 def check_X(X: Any, n_features: int | None = None, name: str = "X",
-            estimator: str = "this estimator") -> np.ndarray:
+            estimator: str = "this estimator", param: str = "input_size") -> np.ndarray:
     """Validate an input matrix: 2-D, non-empty, finite, numeric; converted to float32."""
     arr = _as_float_array(X, name)
     if arr.ndim != 2:
@@ -77,7 +77,7 @@ def check_X(X: Any, n_features: int | None = None, name: str = "X",
         raise ValueError(f"Found array with 0 feature(s) (shape={arr.shape}) while a minimum of 1 is required.")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(
-            f"Expected input_size={n_features}, got {arr.shape[1]} "
+            f"Expected {param}={n_features}, got {arr.shape[1]} "
             f"(X has {arr.shape[1]} features, but {estimator} is expecting {n_features} features as input)"
         )
     return arr
@@ -93,6 +93,10 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
     from scratch, the scikit-learn default), ``random_state`` and ``device``.
     """
 
+    # names of the size parameters (SSMN calls them input_dim / hidden_dim / output_dim)
+    _input_param: ClassVar[str] = "input_size"
+    _hidden_param: ClassVar[str] = "hidden_size"
+    _output_param: ClassVar[str] = "output_size"
     _default_reset_memory: ClassVar[bool] = False
     _default_batch_size: ClassVar[int] = 64
     # constructor arguments that fix the shape of the network (checked on load and warm fits)
@@ -106,11 +110,11 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
         """Push hyper-parameters that may change between fits (beta, alpha, dt, ...) into the net."""
 
     def _validate_params(self) -> None:
-        for name in ("hidden_size", "bptt"):
+        for name in (self._hidden_param, "bptt"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("input_size", "output_size"):
+        for name in (self._input_param, self._output_param):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
@@ -168,12 +172,12 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
         reset_memory = self._default_reset_memory if reset_memory is None else reset_memory
 
         warm = self.warm_start and hasattr(self, "network_")
-        X = check_X(X, self.n_features_in_ if warm else self.input_size, estimator=type(self).__name__)
+        X = check_X(X, self.n_features_in_ if warm else getattr(self, self._input_param),
+                    estimator=type(self).__name__, param=self._input_param)
         Y, y_1d = self._check_y(y, X.shape[0])
-        if warm and Y.shape[1] != self.n_outputs_:
-            raise ValueError(f"Expected output_size={self.n_outputs_}, got y with {Y.shape[1]} columns")
-        if not warm and self.output_size is not None and Y.shape[1] != self.output_size:
-            raise ValueError(f"Expected output_size={self.output_size}, got y with {Y.shape[1]} columns")
+        expected_out = self.n_outputs_ if warm else getattr(self, self._output_param)
+        if expected_out is not None and Y.shape[1] != expected_out:
+            raise ValueError(f"Expected {self._output_param}={expected_out}, got y with {Y.shape[1]} columns")
 
         gen = self._seed()
         if not warm:
@@ -253,7 +257,7 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
         training rows) unless ``reset_memory``. Returns ``[n_samples, output_size]`` (1-D when
         ``fit`` saw a 1-D ``y``)."""
         check_is_fitted(self, "network_")
-        X = check_X(X, self.n_features_in_, estimator=type(self).__name__)
+        X = check_X(X, self.n_features_in_, estimator=type(self).__name__, param=self._input_param)
         self._sync()
         if reset_memory:
             self._memory = self.network_.init_state(1)
@@ -420,8 +424,8 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
         if self is None:
             self = cls(**params)
         else:
-            fitted_dims = {"input_size": meta["fitted"]["n_features_in_"],
-                           "output_size": meta["fitted"]["n_outputs_"]}
+            fitted_dims = {self._input_param: meta["fitted"]["n_features_in_"],
+                           self._output_param: meta["fitted"]["n_outputs_"]}
             for name in self._arch_params:
                 mine = getattr(self, name)
                 theirs = fitted_dims.get(name, params.get(name))

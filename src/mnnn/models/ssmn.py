@@ -1,0 +1,328 @@
+"""Sparse-Stream Memory Networks (seeds/002): sliding-window attention + plastic synaptic memory.
+
+Standard SSMN maps vectors to vectors; Text-Native SSMN is a causal language model over token ids.
+Both stack ``num_layers`` blocks; the last ``round(num_layers * plastic_ratio)`` are plastic
+(default 20 %, the seed's 80/20 split):
+
+    x <- x + WindowAttention(LN x)               every block: O(T w)
+    x <- x + SynapticMemory(LN x)                plastic blocks: fast weights, O(T d^2 / H)
+    x <- x + MLP(LN x)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch import nn
+
+from mnnn.layers.synaptic import SynapticMemory
+from mnnn.layers.window_attention import WindowAttention
+from mnnn.ops.window_attention import WindowCache
+from mnnn.state import TensorState
+
+
+@dataclasses.dataclass
+class SSMNState(TensorState):
+    attn_k: torch.Tensor  # [L, B, W, H, K] ring-buffer keys of every block
+    attn_v: torch.Tensor  # [L, B, W, H, K]
+    count: torch.Tensor  # [] positions seen
+    synaptic: torch.Tensor  # [P, B, H, K, K] fast weights of the plastic blocks (W^T)
+
+
+class SSMNBlock(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, window: int, plastic: bool, eta: float, lam: float,
+                 gated: bool, reread_iterations: int):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(d_model)
+        self.attn = WindowAttention(d_model, num_heads, window)
+        self.plastic = plastic
+        if plastic:
+            self.ln_syn = nn.LayerNorm(d_model)
+            self.syn = SynapticMemory(d_model, num_heads, eta, lam, gated=gated,
+                                      reread_iterations=reread_iterations)
+        self.ln_mlp = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
+
+    def forward(self, x, cache, syn_state, step: bool = False):
+        a, cache = (self.attn.step if step else self.attn)(self.ln_attn(x), cache)
+        x = x + a
+        if self.plastic:
+            s, syn_state = (self.syn.step if step else self.syn)(self.ln_syn(x), syn_state)
+            x = x + s
+        return x + self.mlp(self.ln_mlp(x)), cache, syn_state
+
+
+class SSMNCore(nn.Module):
+    """The stack of blocks, with the per-block states packed into one :class:`SSMNState`."""
+
+    def __init__(self, d_model: int, num_layers: int, num_heads: int, window: int, eta: float, lam: float,
+                 plastic_ratio: float, gated: bool = False, reread_iterations: int = 0):
+        super().__init__()
+        if not 0.0 <= plastic_ratio <= 1.0:
+            raise ValueError(f"plastic_ratio must be in [0, 1], got {plastic_ratio!r}")
+        n_plastic = round(num_layers * plastic_ratio)
+        if plastic_ratio > 0 and n_plastic == 0:
+            n_plastic = 1
+        self.n_plastic = n_plastic
+        self.window, self.num_heads, self.head_dim = window, num_heads, d_model // num_heads
+        self.blocks = nn.ModuleList(
+            SSMNBlock(d_model, num_heads, window, i >= num_layers - n_plastic, eta, lam, gated, reread_iterations)
+            for i in range(num_layers))
+
+    def synaptic_layers(self) -> list[SynapticMemory]:
+        return [b.syn for b in self.blocks if b.plastic]
+
+    def set_plasticity(self, eta: float, lam: float) -> None:
+        for syn in self.synaptic_layers():
+            syn.eta, syn.lam = float(eta), float(lam)
+
+    def init_state(self, batch_size: int) -> SSMNState:
+        w = self.blocks[0].attn.out.weight
+        L, H, K = len(self.blocks), self.num_heads, self.head_dim
+        return SSMNState(attn_k=w.new_zeros(L, batch_size, self.window, H, K),
+                         attn_v=w.new_zeros(L, batch_size, self.window, H, K),
+                         count=torch.zeros((), dtype=torch.long, device=w.device),
+                         synaptic=w.new_zeros(self.n_plastic, batch_size, H, K, K))
+
+    def forward(self, x: torch.Tensor, state: SSMNState | None = None, step: bool = False):
+        """x ``[B, T, d]`` (or ``[B, d]`` with ``step``) -> (same shape, state)."""
+        state = self.init_state(x.shape[0]) if state is None else state
+        ks, vs, syns = [], [], []
+        p = 0
+        for i, block in enumerate(self.blocks):
+            cache = WindowCache(k=state.attn_k[i], v=state.attn_v[i], count=state.count)
+            syn = state.synaptic[p] if block.plastic else None
+            x, cache, syn = block(x, cache, syn, step=step)
+            ks.append(cache.k)
+            vs.append(cache.v)
+            if block.plastic:
+                syns.append(syn)
+                p += 1
+        synaptic = torch.stack(syns) if syns else state.synaptic
+        return x, SSMNState(attn_k=torch.stack(ks), attn_v=torch.stack(vs), count=cache.count, synaptic=synaptic)
+
+    def stats(self, state: SSMNState) -> dict[str, float]:
+        layers = self.synaptic_layers()
+        entropies = [b.attn.last_entropy for b in self.blocks]
+        out = {"window_fill": min(int(state.count), self.window) / self.window,
+               "attention_entropy": sum(entropies) / len(entropies)}
+        if layers:
+            for key in ("synaptic_energy", "synaptic_update_magnitude"):
+                vals = [s.stats[key] for s in layers if key in s.stats]
+                out[key] = sum(vals) / len(vals) if vals else 0.0
+        return out
+
+
+def analyze_synaptic_state(state: SSMNState, iterations: int = 50) -> dict[str, float]:
+    """Statistics of the fast weights of the first batch element, averaged over plastic blocks
+    and heads: energy mean(W^2); num_active_modes = singular values above 1 % of the largest;
+    spectral_radius by power iteration (``iterations`` steps; W is not symmetric, so no eigvalsh);
+    sparsity = fraction of |w| below 1e-3 max|w|; mean and std of the weights."""
+    W = state.synaptic[:, 0].detach().double()  # [P, H, K, K]
+    if W.numel() == 0:
+        return {"energy": 0.0, "num_active_modes": 0, "spectral_radius": 0.0, "sparsity": 1.0,
+                "mean_weight": 0.0, "std_weight": 0.0}
+    M = W.transpose(-1, -2).reshape(-1, W.shape[-1], W.shape[-1])  # W = S^T, one matrix per head
+    sv = torch.linalg.svdvals(M)
+    active = (sv > 0.01 * sv[:, :1].clamp_min(1e-30)).sum(dim=1).double().mean()
+    v = torch.randn(M.shape[0], M.shape[-1], dtype=M.dtype, generator=torch.Generator().manual_seed(0))
+    radius = torch.zeros(M.shape[0], dtype=M.dtype)
+    for _ in range(iterations):
+        w = torch.einsum("nij,nj->ni", M, v)
+        radius = w.norm(dim=1) / v.norm(dim=1).clamp_min(1e-30)
+        v = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    mx = W.abs().max().clamp_min(1e-30)
+    return {"energy": float(W.pow(2).mean()), "num_active_modes": float(active),
+            "spectral_radius": float(radius.mean()), "sparsity": float((W.abs() < 1e-3 * mx).double().mean()),
+            "mean_weight": float(W.mean()), "std_weight": float(W.std())}
+
+
+class SSMNNetwork(nn.Module):
+    """Standard SSMN: input projection -> :class:`SSMNCore` -> LayerNorm -> output projection."""
+
+    def __init__(self, input_dim: int, output_dim: int, hidden_dim: int = 256, window_size: int = 512,
+                 plasticity_eta: float = 0.01, decay_lambda: float = 0.001, num_layers: int = 5,
+                 plastic_ratio: float = 0.2, num_heads: int = 4, importance_gating: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(input_dim, hidden_dim)
+        self.core = SSMNCore(hidden_dim, num_layers, num_heads, window_size, plasticity_eta, decay_lambda,
+                             plastic_ratio, gated=importance_gating)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.head = nn.Linear(hidden_dim, output_dim)
+
+    def init_state(self, batch_size: int) -> SSMNState:
+        return self.core.init_state(batch_size)
+
+    def forward(self, x: torch.Tensor, state: SSMNState | None = None):
+        h, state = self.core(self.inp(x), state)
+        return self.head(self.norm(h)), state
+
+    def step(self, x_t: torch.Tensor, state: SSMNState):
+        h, state = self.core(self.inp(x_t), state, step=True)
+        return self.head(self.norm(h)), state
+
+    def memory_vector(self, state: SSMNState) -> torch.Tensor:
+        return state.synaptic.transpose(0, 1).reshape(state.synaptic.shape[1], -1)
+
+
+class TextNativeSSMNNetwork(nn.Module):
+    """Text-Native SSMN: token embedding -> semantic encoder (MLP, the "thought embedding") ->
+    :class:`SSMNCore` with importance-gated plastic blocks and internal re-reads -> LM head tied
+    to the embedding (through a projection when hidden_dim != embed_dim)."""
+
+    def __init__(self, vocab_size: int, embed_dim: int = 128, hidden_dim: int = 256, window_size: int = 512,
+                 plasticity_eta: float = 0.01, decay_lambda: float = 0.001, num_layers: int = 5,
+                 plastic_ratio: float = 0.2, num_heads: int = 4, reread_iterations: int = 1):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.encoder = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
+        self.core = SSMNCore(hidden_dim, num_layers, num_heads, window_size, plasticity_eta, decay_lambda,
+                             plastic_ratio, gated=True, reread_iterations=reread_iterations)
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.to_embed = nn.Linear(hidden_dim, embed_dim, bias=False)
+
+    def init_state(self, batch_size: int) -> SSMNState:
+        return self.core.init_state(batch_size)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.to_embed(self.norm(h)) @ self.embed.weight.T
+
+    def forward(self, tokens: torch.Tensor, state: SSMNState | None = None):
+        """tokens ``[B, T]`` long -> (logits ``[B, T, vocab]``, state)."""
+        h, state = self.core(self.encoder(self.embed(tokens)), state)
+        return self._logits(h), state
+
+    def step(self, token_t: torch.Tensor, state: SSMNState):
+        h, state = self.core(self.encoder(self.embed(token_t)), state, step=True)
+        return self._logits(h), state
+
+    def prefill(self, tokens: torch.Tensor, state: SSMNState | None = None):
+        """Read a prompt ``[B, T]`` in one parallel pass; logits of the last position only
+        (``[B, vocab]``), so a long prompt never materialises ``T x vocab`` logits."""
+        h, state = self.core(self.encoder(self.embed(tokens)), state)
+        return self._logits(h[:, -1]), state
+
+
+class TextNativeSSMN(TextNativeSSMNNetwork):
+    """Text-Native SSMN with the seed's public API (``generate``, ``generate_sequence``,
+    ``analyze_synaptic_state``, statistics) on top of :class:`TextNativeSSMNNetwork`.
+
+    ``generate`` and ``generate_sequence`` use the step path: O(window) memory per token, flat in
+    the context length. ``fit`` trains on a 1-D array of token ids (see :func:`mnnn.training.lm.train_lm`).
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int = 128, hidden_dim: int = 256, window_size: int = 512,
+                 plasticity_eta: float = 0.01, decay_lambda: float = 0.001, num_layers: int = 5,
+                 plastic_ratio: float = 0.2, num_heads: int = 4, reread_iterations: int = 1):
+        for name, value in (("vocab_size", vocab_size), ("embed_dim", embed_dim), ("hidden_dim", hidden_dim),
+                            ("window_size", window_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        super().__init__(vocab_size, embed_dim, hidden_dim, window_size, plasticity_eta, decay_lambda,
+                         num_layers, plastic_ratio, num_heads, reread_iterations)
+        self.config = dict(vocab_size=vocab_size, embed_dim=embed_dim, hidden_dim=hidden_dim,
+                           window_size=window_size, plasticity_eta=plasticity_eta, decay_lambda=decay_lambda,
+                           num_layers=num_layers, plastic_ratio=plastic_ratio, num_heads=num_heads,
+                           reread_iterations=reread_iterations)
+        self.last_state: SSMNState | None = None
+
+    def _tokens(self, tokens, name: str = "tokens") -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, torch.Tensor) else tokens)
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty; give at least one token id")
+        if t.dtype.is_floating_point or t.dtype == torch.bool:
+            if t.dtype.is_floating_point and not torch.isfinite(t).all():
+                raise ValueError(f"{name} contains NaN or infinity; expected integer token ids")
+            raise TypeError(f"{name} must be integer token ids, got dtype {t.dtype}")
+        t = t.long().reshape(-1)
+        if int(t.min()) < 0 or int(t.max()) >= self.vocab_size:
+            raise ValueError(f"{name} must be in [0, {self.vocab_size}), got min {int(t.min())}, max {int(t.max())}")
+        return t.to(self.embed.weight.device)
+
+    @torch.no_grad()
+    def generate(self, tokens) -> np.ndarray:
+        """Next-token probabilities ``[vocab_size]`` after reading ``tokens`` (a fresh state)."""
+        self.eval()
+        logits, self.last_state = self.prefill(self._tokens(tokens)[None])
+        return torch.softmax(logits[0].double(), dim=-1).cpu().numpy()
+
+    @torch.no_grad()
+    def generate_sequence(self, prompt_tokens, max_length: int = 100, temperature: float = 1.0,
+                          top_k: int | None = 50, top_p: float | None = None, seed: int | None = None) -> list[int]:
+        """Sample ``max_length`` new tokens after the prompt with the step path. ``temperature > 0``;
+        ``top_k`` / ``top_p`` filter the distribution; ``seed`` makes sampling reproducible."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not isinstance(max_length, int) or max_length < 0:
+            raise ValueError(f"max_length must be a non-negative int, got {max_length!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        prompt = self._tokens(prompt_tokens, "prompt_tokens")
+        self.eval()
+        gen = torch.Generator(device=prompt.device)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(2**31, (1,))))
+        logits, state = self.prefill(prompt[None])  # the prompt in one parallel pass, each token once
+        last = logits[0]
+        out: list[int] = []
+        for _ in range(max_length):
+            token = _sample(last / temperature, top_k, top_p, gen)
+            out.append(token)
+            logits, state = self.step(torch.tensor([token], device=prompt.device), state)
+            last = logits[0]
+        self.last_state = state
+        return out
+
+    def fit(self, token_ids, **kwargs) -> "TextNativeSSMN":
+        """Train on a 1-D array of token ids; keyword arguments go to :func:`mnnn.training.lm.train_lm`."""
+        from mnnn.training.lm import train_lm
+
+        ids = self._tokens(token_ids, "token_ids").cpu().numpy()
+        self.history_ = train_lm(self, ids, **kwargs)
+        return self
+
+    def _stats(self) -> dict[str, float]:
+        if self.last_state is None:
+            return {}
+        return self.core.stats(self.last_state)
+
+    @property
+    def synaptic_energy(self) -> float:
+        return self._stats().get("synaptic_energy", 0.0)
+
+    @property
+    def synaptic_update_magnitude(self) -> float:
+        return self._stats().get("synaptic_update_magnitude", 0.0)
+
+    @property
+    def attention_entropy(self) -> float:
+        return self._stats().get("attention_entropy", float("nan"))
+
+    @property
+    def window_fill(self) -> float:
+        return self._stats().get("window_fill", 0.0)
+
+    def analyze_synaptic_state(self) -> dict[str, float]:
+        """See :func:`analyze_synaptic_state`; uses the state after the last generate call."""
+        if self.last_state is None:
+            return analyze_synaptic_state(self.init_state(1))
+        return analyze_synaptic_state(self.last_state)
+
+
+def _sample(logits: torch.Tensor, top_k: int | None, top_p: float | None, gen: torch.Generator) -> int:
+    logits = logits.double()
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=gen))
