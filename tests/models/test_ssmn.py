@@ -38,6 +38,12 @@ def test_text_native_step_equals_forward_and_causal():
         out, state = net.step(tok[:, t], state)
         steps.append(out)
     torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # the generation path (one shared cache copy per step) agrees too
+        state, steps = net.init_state(2), []
+        for t in range(19):
+            out, state = net.step(tok[:, t], state)
+            steps.append(out)
+    torch.testing.assert_close(torch.stack(steps, 1), logits.detach(), rtol=1e-10, atol=1e-10)
     for j in (0, 7, 18):  # changing token j changes no logit before j
         tok2 = tok.clone()
         tok2[:, j] = (tok2[:, j] + 1) % 50

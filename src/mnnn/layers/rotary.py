@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=32)
+def _inv_freq(D: int, base: float, device: str) -> torch.Tensor:
+    return base ** (-torch.arange(0, D, 2, device=device, dtype=torch.float64) / D)
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     """Rotate feature pairs of ``x [B, T, H, D]`` (D even) by ``positions [T]`` x ``base^(-2i/D)``;
     then ``rotate(q, i) . rotate(k, j)`` depends on ``i - j`` only."""
-    D = x.shape[-1]
-    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
+    inv = _inv_freq(x.shape[-1], base, str(x.device))
     ang = positions.to(torch.float64)[:, None] * inv[None, :]  # float64: exact at long contexts
     cos, sin = ang.cos().to(x.dtype)[:, None, :], ang.sin().to(x.dtype)[:, None, :]
     x1, x2 = x[..., 0::2], x[..., 1::2]

@@ -87,12 +87,25 @@ class SSMNCore(nn.Module):
                          synaptic=w.new_zeros(self.n_plastic, batch_size, H, K, K))
 
     def forward(self, x: torch.Tensor, state: SSMNState | None = None, step: bool = False):
-        """x ``[B, T, d]`` (or ``[B, d]`` with ``step``) -> (same shape, state)."""
+        """x ``[B, T, d]`` (or ``[B, d]`` with ``step``) -> (same shape, state). The given state is
+        never modified: the step path clones the stacked caches once and updates the copy."""
         state = self.init_state(x.shape[0]) if state is None else state
+        # step writes into its cache in place: under no_grad one clone of all blocks' caches
+        # suffices (generation); with autograd each block gets its own copy so that saved
+        # tensors are never modified
+        shared = step and not torch.is_grad_enabled()
+        if shared:
+            all_k, all_v = state.attn_k.clone(), state.attn_v.clone()
         ks, vs, syns = [], [], []
         p = 0
         for i, block in enumerate(self.blocks):
-            cache = WindowCache(k=state.attn_k[i], v=state.attn_v[i], count=state.count)
+            if shared:
+                src_k, src_v = all_k[i], all_v[i]
+            elif step:
+                src_k, src_v = state.attn_k[i].clone(), state.attn_v[i].clone()
+            else:
+                src_k, src_v = state.attn_k[i], state.attn_v[i]
+            cache = WindowCache(k=src_k, v=src_v, count=state.count)
             syn = state.synaptic[p] if block.plastic else None
             x, cache, syn = block(x, cache, syn, step=step)
             ks.append(cache.k)
@@ -100,8 +113,9 @@ class SSMNCore(nn.Module):
             if block.plastic:
                 syns.append(syn)
                 p += 1
+        new_k, new_v = (all_k, all_v) if shared else (torch.stack(ks), torch.stack(vs))
         synaptic = torch.stack(syns) if syns else state.synaptic
-        return x, SSMNState(attn_k=torch.stack(ks), attn_v=torch.stack(vs), count=cache.count, synaptic=synaptic)
+        return x, SSMNState(attn_k=new_k, attn_v=new_v, count=cache.count, synaptic=synaptic)
 
     def stats(self, state: SSMNState) -> dict[str, float]:
         layers = self.synaptic_layers()

@@ -63,14 +63,16 @@ def window_attention_step(
     q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cache: WindowCache
 ) -> tuple[torch.Tensor, WindowCache]:
     """One token: write ``k_t, v_t`` into slot ``count % window`` of the ring buffer, then attend
-    over the valid slots (order does not matter to softmax attention). O(window) per token."""
+    over the valid slots (order does not matter to softmax attention). O(window) per token.
+
+    The cache's ``k``/``v`` buffers are updated in place (callers that need the old state clone
+    it first, as :class:`mnnn.models.ssmn.SSMNCore` does once per step for all blocks)."""
     w = cache.k.shape[1]
     c = int(cache.count)
     slot = c % w
-    k = cache.k.clone()
-    v = cache.v.clone()
-    k[:, slot], v[:, slot] = k_t, v_t
+    cache.k[:, slot], cache.v[:, slot] = k_t, v_t
     n = min(c + 1, w)
-    s = torch.einsum("bhk,bjhk->bhj", q_t, k[:, :n] if c + 1 <= w else k) / math.sqrt(q_t.shape[-1])
-    o = torch.einsum("bhj,bjhv->bhv", torch.softmax(s, dim=-1), v[:, :n] if c + 1 <= w else v)
-    return o, WindowCache(k=k, v=v, count=torch.tensor(c + 1, dtype=torch.long, device=k.device))
+    k, v = (cache.k, cache.v) if n == w else (cache.k[:, :n], cache.v[:, :n])
+    s = torch.einsum("bhk,bjhk->bhj", q_t, k) / math.sqrt(q_t.shape[-1])
+    o = torch.einsum("bhj,bjhv->bhv", torch.softmax(s, dim=-1), v)
+    return o, WindowCache(k=cache.k, v=cache.v, count=cache.count + 1)
