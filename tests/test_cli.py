@@ -64,3 +64,18 @@ def test_bench_ssmn_toy(tmp_path):
     kinds = {r["kind"] for r in payload["results"]}
     assert kinds == {"kernel", "standard_epoch", "text_generation"}
     assert all(r["max_rel_err"] < 1e-4 for r in payload["results"] if r["kind"] == "kernel")
+
+
+def test_bench_lm_toy(tmp_path):
+    import os
+
+    if not os.environ.get("MNNN_DATA_DIR"):
+        pytest.skip("MNNN_DATA_DIR not set")
+    assert main(["bench", "lm", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "lm.json").read_text())["results"]
+    assert {r["model"] for r in rows} >= {"s3cmn_memory", "s3cmn_no_memory", "transformer", "lstm"}
+
+
+def test_bench_preset_missing(tmp_path, capsys):
+    assert main(["bench", "estimators", "--preset", "gpu", "--out", str(tmp_path)]) == 2
+    assert "presets" in capsys.readouterr().err

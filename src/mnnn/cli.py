@@ -19,8 +19,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     names = sorted(SUITES) if args.suite == "all" else [args.suite]
     for name in names:
         try:
-            run = get_suite(name)
-        except KeyError as err:
+            run = get_suite(name, args.preset)
+        except (KeyError, ValueError) as err:
             print(f"error: {err.args[0]}", file=sys.stderr)
             return 2
         payload = run(args.out, preset=args.preset, progress=not args.quiet)
@@ -61,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark suite",
                            description="Verify correctness, then time models against baselines in the "
                            "same process; writes <suite>.json, <suite>.md and <suite>.png.")
-    bench.add_argument("suite", help="suite name ('estimators', 'memory', 'ssmn') or 'all'")
+    bench.add_argument("suite", help="suite name ('estimators', 'memory', 'ssmn', 'lm') or 'all'")
     bench.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
-    bench.add_argument("--preset", choices=["default", "toy"], default="default",
-                       help="'default' sizes for this CPU, or 'toy' (seconds, used by the tests)")
+    bench.add_argument("--preset", choices=["default", "toy", "gpu"], default="default",
+                       help="'default' sizes for this CPU, 'toy' (seconds, used by the tests), or 'gpu' (lm suite only: the full recipe)")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
 

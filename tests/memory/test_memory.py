@@ -198,3 +198,20 @@ def test_pca_refit_every_compression_interval():
     rows = m.proj.weight / m.proj.weight.norm(dim=1, keepdim=True)
     # every projection row lies in the keys' subspace
     torch.testing.assert_close(rows @ basis @ basis.T, rows, atol=1e-4, rtol=1e-4)
+
+
+def test_groups_isolate_streams():
+    m = Memory(16, 4, compressed_dim=4, quantize=False, value_dim=1)
+    keys = torch.randn(6, 4)
+    m.add_to_memory(keys[:3], torch.tensor([0, 1, 2]), group=0)
+    m.add_to_memory(keys[3:], torch.tensor([3, 4, 5]), group=1)
+    read = m.search(keys, top_k=6, group=torch.tensor([0, 0, 0, 1, 1, 1]))
+    ids = read.entry_values[..., 0]
+    for row in range(6):
+        picked = ids[row][read.weights[row] > 0].tolist()
+        assert set(picked) == ({0, 1, 2} if row < 3 else {3, 4, 5})
+    empty = m.search(keys[:1], top_k=3, group=torch.tensor([7]))  # a group with no entries
+    assert empty.values.abs().sum() == 0 and not torch.isnan(empty.values).any()
+    q = torch.randn(1, 4, requires_grad=True)
+    m.search(q, 3, group=torch.tensor([7])).values.sum().backward()
+    assert not torch.isnan(q.grad).any()

@@ -9,13 +9,18 @@ SUITES: dict[str, str] = {
     "estimators": "mnnn.bench.estimators",
     "memory": "mnnn.bench.memory",
     "ssmn": "mnnn.bench.ssmn",
+    "lm": "mnnn.bench.lm",
 }
 
 
-def get_suite(name: str) -> Callable:
-    """The ``run(out_dir, preset, progress)`` function of a suite; KeyError lists the known ones."""
+def get_suite(name: str, preset: str = "default") -> Callable:
+    """The ``run(out_dir, preset, progress)`` function of a suite. An unknown suite raises
+    ``KeyError`` listing the known ones; a preset the suite lacks, ``ValueError`` listing its own."""
     import importlib
 
     if name not in SUITES:
         raise KeyError(f"unknown benchmark suite {name!r}; known: {sorted(SUITES)} or 'all'")
-    return importlib.import_module(SUITES[name]).run
+    module = importlib.import_module(SUITES[name])
+    if preset not in module.PRESETS:
+        raise ValueError(f"suite {name!r} has no preset {preset!r}; its presets: {sorted(module.PRESETS)}")
+    return module.run

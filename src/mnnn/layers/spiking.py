@@ -78,12 +78,17 @@ class SpikingLayer(nn.Module):
             current = current + self.mem_proj(read.to(current.dtype)).view(*x.shape[:-1], self.out_features)
         return current
 
-    def forward(self, x: torch.Tensor, state: SpikingState | None = None):
-        """x ``[B, T, in_features]`` -> (spikes ``[B, T, out_features]``, state)."""
+    def forward(self, x: torch.Tensor, state: SpikingState | None = None,
+                extra_current: torch.Tensor | None = None):
+        """x ``[B, T, in_features]`` -> (spikes ``[B, T, out_features]``, state). ``extra_current``
+        ``[B, T, out_features]`` is added to the membrane input (how a model fuses its own read)."""
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected x of shape [B, T, {self.in_features}], got {tuple(x.shape)}")
         state = self.init_state(x.shape[0]) if state is None else state
-        spikes, _, u = lif(self.input_current(x), state.u, self.beta, self.threshold, self.spike_grad, self.reset)
+        current = self.input_current(x)
+        if extra_current is not None:
+            current = current + extra_current
+        spikes, _, u = lif(current, state.u, self.beta, self.threshold, self.spike_grad, self.reset)
         self._accumulate(spikes.detach())
         return spikes, SpikingState(u=u)
 

@@ -22,6 +22,7 @@ class MemoryRead(NamedTuple):
     scores: torch.Tensor  # [N, k] scaled dot-product scores of the selected entries
     weights: torch.Tensor  # [N, k] softmax attention over the selected entries
     similarity: torch.Tensor  # [N] cosine similarity of the best entry (0 on an empty store)
+    entry_values: torch.Tensor  # [N, k, value_dim] the selected entries' stored values (ids stay ids)
 
 
 class Memory(nn.Module):
@@ -54,6 +55,8 @@ class Memory(nn.Module):
     ``device`` places the buffers; ``num_streams`` (CUDA streams) has no effect on CPU;
     ``optimize_memory`` enables the compressed-key search cache.
     """
+
+    _ENTRY_BUFFERS = ("key_codes", "key_scales", "value_codes", "value_scales", "usage", "born", "order", "groups")
 
     def __init__(
         self,
@@ -140,6 +143,7 @@ class Memory(nn.Module):
         self.register_buffer("usage", torch.zeros(capacity, device=device))
         self.register_buffer("born", torch.zeros(capacity, dtype=torch.long, device=device))  # read clock at write
         self.register_buffer("order", torch.zeros(capacity, dtype=torch.long, device=device))  # write number
+        self.register_buffer("groups", torch.full((capacity,), -1, dtype=torch.long, device=device))
 
     @property
     def capacity(self) -> int:
@@ -157,9 +161,12 @@ class Memory(nn.Module):
         return quantize_rows(x.float(), self.bits)
 
     def _decode(self, codes: torch.Tensor, scales: torch.Tensor, dim: int) -> torch.Tensor:
-        if codes.dtype in (torch.float32, torch.long):
+        """Stored rows as the projection's float dtype (integer values stay integer)."""
+        if codes.dtype == torch.long:
             return codes
-        return dequantize_rows(codes, scales, self.bits, dim)
+        if codes.is_floating_point():
+            return codes.to(self.proj.weight.dtype)
+        return dequantize_rows(codes, scales, self.bits, dim).to(self.proj.weight.dtype)
 
     def stored_keys(self) -> torch.Tensor:
         n = len(self)
@@ -186,10 +193,12 @@ class Memory(nn.Module):
         return x
 
     @torch.no_grad()
-    def add_to_memory(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def add_to_memory(self, x: torch.Tensor, y: torch.Tensor, group: torch.Tensor | int | None = None) -> None:
         """Store keys ``x [N, embedding_dim]`` with values ``y [N, value_dim]`` (float) or ``[N]`` /
-        ``[N, value_dim]`` integer ids. In distributed mode every rank passes the same batch and
-        keeps entries ``i`` with ``(writes + i) % world_size == rank``."""
+        ``[N, value_dim]`` integer ids. ``group`` (an int or ``[N]`` ids) tags entries so that a
+        search with ``group=`` sees only its own group (e.g. one text stream per batch row).
+        In distributed mode every rank passes the same batch and keeps entries ``i`` with
+        ``(writes + i) % world_size == rank``."""
         x = self._check(x, "x", self.embedding_dim)
         if y.dim() == 1 and not y.is_floating_point():
             y = y[:, None]
@@ -203,8 +212,11 @@ class Memory(nn.Module):
                 raise TypeError("this memory stores " + ("integer" if self._values_are_int() else "float")
                                 + f" values; got {y.dtype}")
         ids = int(self.writes) + torch.arange(x.shape[0], device=x.device)  # global write numbers
+        groups = torch.full_like(ids, -1) if group is None else torch.as_tensor(group, device=x.device).long().expand_as(ids)
         self.writes += x.shape[0]
         if self.distributed:
+            if group is not None:
+                raise NotImplementedError("groups are not supported with distributed=True yet")
             keep = ids % self.world_size == self.rank
             x, y, ids = x[keep], y[keep], ids[keep]
         n_new = x.shape[0]
@@ -212,7 +224,7 @@ class Memory(nn.Module):
             return
         self._make_room(n_new)
         n_new = min(n_new, self.capacity)
-        x, y, ids = x[-n_new:], y[-n_new:], ids[-n_new:]
+        x, y, ids, groups = x[-n_new:], y[-n_new:], ids[-n_new:], groups[-n_new:]
         start = len(self)
         sl = slice(start, start + n_new)
         kc, ks = self._encode(x)
@@ -229,6 +241,7 @@ class Memory(nn.Module):
         self.usage[sl] = 0.0
         self.born[sl] = self.clock
         self.order[sl] = ids
+        self.groups[sl] = groups
         self.count += n_new
         self._cache = None
         if self.pca_refit and self.compression_interval and int(self.writes) // self.compression_interval > \
@@ -250,7 +263,7 @@ class Memory(nn.Module):
 
     def _resize(self, capacity: int) -> None:
         n = len(self)
-        for name in ("key_codes", "key_scales", "value_codes", "value_scales", "usage", "born", "order"):
+        for name in self._ENTRY_BUFFERS:
             old = getattr(self, name)
             new = old.new_zeros((capacity,) + tuple(old.shape[1:]))
             new[:n] = old[:n]
@@ -264,7 +277,7 @@ class Memory(nn.Module):
     def _keep(self, keep: torch.Tensor) -> None:
         n = len(self)
         idx = keep.nonzero().squeeze(1)
-        for name in ("key_codes", "key_scales", "value_codes", "value_scales", "usage", "born", "order"):
+        for name in self._ENTRY_BUFFERS:
             buf = getattr(self, name)
             buf[: idx.numel()] = buf[:n][idx].clone()
         self.count.fill_(idx.numel())
@@ -321,9 +334,10 @@ class Memory(nn.Module):
         return self._cache
 
     # ---- reads ------------------------------------------------------------------------------------
-    def search(self, query: torch.Tensor, top_k: int = 5) -> MemoryRead:
+    def search(self, query: torch.Tensor, top_k: int = 5, group: torch.Tensor | None = None) -> MemoryRead:
         """Top-k retrieval with attention; see the class docstring. ``top_k`` larger than the
-        number of entries returns what exists."""
+        number of entries returns what exists. ``group [N]``: each query sees only entries of its
+        group (rows with no such entry read zeros and count as misses)."""
         if not isinstance(top_k, int) or top_k <= 0:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         query = self._check(query, "query", self.embedding_dim)
@@ -333,7 +347,11 @@ class Memory(nn.Module):
         k_local = min(top_k, n_local)
         if k_local:
             with torch.no_grad():
-                local_scores, local_idx = (pq.detach() @ self._search_keys().T * scale).topk(k_local, dim=1)
+                all_scores = pq.detach() @ self._search_keys().T * scale
+                if group is not None:
+                    group = torch.as_tensor(group, device=pq.device).long().expand(query.shape[0])
+                    all_scores = all_scores.masked_fill(group[:, None] != self.groups[:n_local][None], float("-inf"))
+                local_scores, local_idx = all_scores.topk(k_local, dim=1)
         else:
             local_scores = pq.new_zeros(query.shape[0], 0)
             local_idx = torch.zeros(query.shape[0], 0, dtype=torch.long, device=pq.device)
@@ -347,21 +365,22 @@ class Memory(nn.Module):
             self._record(query.shape[0], None, None)
             empty = torch.zeros(query.shape[0], 0, device=pq.device)
             out = pq.new_zeros(query.shape[0], self.value_dim) + 0.0 * pq.sum()  # keeps the graph
-            return MemoryRead(out, empty.long() - 1, empty, empty, torch.zeros(query.shape[0], device=pq.device))
+            return MemoryRead(out, empty.long() - 1, empty, empty, torch.zeros(query.shape[0], device=pq.device),
+                              pq.new_zeros(query.shape[0], 0, self.value_dim))
         pk = self.proj(keys)  # [N, k, c], differentiable in P
         scores = torch.einsum("nc,nkc->nk", pq, pk) * scale
         valid = torch.isfinite(local_scores)
-        scores = scores.masked_fill(~valid, float("-inf"))
-        weights = torch.softmax(scores, dim=1)
-        vals = values.float() if values.is_floating_point() else values.float()
-        out = torch.einsum("nk,nkv->nv", weights, vals)
+        # a large finite fill (not -inf) keeps rows with no valid entry free of NaN in both passes
+        scores = scores.masked_fill(~valid, -1e9)
+        weights = torch.softmax(scores, dim=1) * valid
+        out = torch.einsum("nk,nkv->nv", weights, values.to(weights.dtype))
         with torch.no_grad():
             sim = F.cosine_similarity(pq.detach()[:, None], pk.detach(), dim=-1).masked_fill(~valid, -1.0)
             best = sim.max(dim=1).values
         # usage is tracked for local reads; sharded reads do not yet credit remote entries
         usage = None if self.distributed else (local_idx, weights.detach())
         self._record(query.shape[0], best, usage)
-        return MemoryRead(out, gidx, scores, weights, best)
+        return MemoryRead(out, gidx, scores, weights, best, values)
 
     def get_memory(self, query: torch.Tensor, top_k: int = 5) -> torch.Tensor:
         """Attention-weighted values of the ``top_k`` best entries for each query row:

@@ -19,6 +19,13 @@ from torch import nn
 from mnnn.training.loop import cosine_lr
 
 
+def _fresh_streams(model: nn.Module, batch_size: int):
+    """A new state, and empty episodic stores: a stream must never read its own later text."""
+    if hasattr(model, "reset_memory"):
+        model.reset_memory()
+    return model.init_state(batch_size)
+
+
 def batchify(ids: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
     """``[N]`` -> ``[batch_size, N // batch_size]`` contiguous streams (the tail is dropped)."""
     ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
@@ -34,7 +41,7 @@ def evaluate_lm(model: nn.Module, ids, batch_size: int = 8, seq_len: int = 128) 
     token but the first of each stream is predicted once, the state carried across segments."""
     model.eval()
     data = batchify(ids, batch_size)
-    state = model.init_state(batch_size)
+    state = _fresh_streams(model, batch_size)
     total_nll, total = 0.0, 0
     for start in range(0, data.shape[1] - 1, seq_len):
         x = data[:, start : start + seq_len]
@@ -72,7 +79,7 @@ def train_lm(
     planned = max_steps or 10**9
     schedule_len = max_steps or max(1, int(time_budget_s * 2))  # refined after the first steps
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    state = model.init_state(batch_size)
+    state = _fresh_streams(model, batch_size)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -84,7 +91,7 @@ def train_lm(
     while step < planned:
         i = (step % steps_per_pass) * seq_len
         if i == 0 and step:
-            state = model.init_state(batch_size)  # a new pass over the streams
+            state = _fresh_streams(model, batch_size)  # a new pass over the streams
         x, y = data[:, i : i + seq_len], data[:, i + 1 : i + 1 + seq_len]
         for group in opt.param_groups:
             group["lr"] = learning_rate * cosine_lr(step, schedule_len, warmup)

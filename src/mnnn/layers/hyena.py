@@ -1,0 +1,73 @@
+"""Hyena operator (Poli et al., 2023): short convolution + implicit long convolution + gating."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnnn.ops.longconv import long_conv_fft
+from mnnn.state import TensorState
+
+
+@dataclasses.dataclass
+class HyenaState(TensorState):
+    short: torch.Tensor  # [B, K-1, 3D] last projected inputs for the short convolution
+    long: torch.Tensor  # [B, L-1, D] last gated inputs z for the long convolution
+
+
+class Hyena(nn.Module):
+    """Order-2 Hyena operator.
+
+    .. math::
+        (q, k, v) = \\text{ShortConv}(W x), \\quad z_t = k_t \\odot v_t, \\quad
+        y_t = W_o \\big(q_t \\odot \\sum_{s < L} h_s z_{t-s}\\big), \\quad
+        h_s = \\text{FFN}(\\text{PE}(s)) \\, e^{-\\alpha s}
+
+    The long filter ``h`` (support ``max_len``) is implicit: a small network of sinusoidal
+    position features, windowed by a per-channel exponential decay. Causal: ``y_t`` depends on
+    ``x_{\\le t}`` only. The state keeps the last inputs of both convolutions, so chunks (and
+    single tokens) give the same result as the whole sequence.
+    """
+
+    def __init__(self, d_model: int, max_len: int = 1024, filter_order: int = 64, short_kernel: int = 3,
+                 num_freqs: int = 8):
+        super().__init__()
+        self.d_model, self.max_len, self.short_kernel = d_model, max_len, short_kernel
+        self.in_proj = nn.Linear(d_model, 3 * d_model)
+        self.short = nn.Conv1d(3 * d_model, 3 * d_model, short_kernel, groups=3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        t = torch.arange(max_len).float()[:, None]
+        freqs = torch.arange(1, num_freqs + 1).float()[None] * math.pi / max_len
+        self.register_buffer("pos", torch.cat([t / max_len, torch.sin(t * freqs), torch.cos(t * freqs)], 1),
+                             persistent=False)
+        self.filter = nn.Sequential(nn.Linear(self.pos.shape[1], filter_order), nn.SiLU(),
+                                    nn.Linear(filter_order, filter_order), nn.SiLU(),
+                                    nn.Linear(filter_order, d_model))
+        # decay rates spread so that some channels see ~10 steps and others ~max_len
+        self.register_buffer("alpha", torch.logspace(math.log10(3.0 / max_len), math.log10(0.3), d_model),
+                             persistent=False)
+
+    def long_filter(self) -> torch.Tensor:
+        """``[max_len, d_model]``."""
+        t = torch.arange(self.max_len, device=self.alpha.device, dtype=self.alpha.dtype)[:, None]
+        return self.filter(self.pos) * torch.exp(-self.alpha[None] * t)
+
+    def init_state(self, batch_size: int) -> HyenaState:
+        w = self.out_proj.weight
+        return HyenaState(short=w.new_zeros(batch_size, self.short_kernel - 1, 3 * self.d_model),
+                          long=w.new_zeros(batch_size, self.max_len - 1, self.d_model))
+
+    def forward(self, x: torch.Tensor, state: HyenaState | None = None):
+        """x ``[B, T, D]`` -> (y ``[B, T, D]``, state)."""
+        state = self.init_state(x.shape[0]) if state is None else state
+        p = torch.cat([state.short, self.in_proj(x)], dim=1)  # [B, K-1+T, 3D]
+        u = self.short(p.transpose(1, 2)).transpose(1, 2)  # valid conv: [B, T, 3D]
+        q, k, v = u.chunk(3, dim=-1)
+        z = k * v
+        y = q * long_conv_fft(z, self.long_filter(), state.long)
+        long_hist = torch.cat([state.long, z], dim=1)[:, -(self.max_len - 1):]
+        return self.out_proj(y), HyenaState(short=p[:, -(self.short_kernel - 1):], long=long_hist)

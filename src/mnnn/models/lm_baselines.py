@@ -1,0 +1,74 @@
+"""Baseline language models for comparisons: a causal Transformer and an LSTM, under the same
+``forward(tokens, state) -> (logits, state)`` contract and tied embeddings."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnnn.state import TensorState
+
+
+@dataclasses.dataclass
+class NoState(TensorState):
+    """The Transformer carries nothing across segments (its context is the segment)."""
+
+
+class TransformerLM(nn.Module):
+    """Pre-LN causal Transformer (learned positions up to ``max_len``), tied head."""
+
+    def __init__(self, vocab_size: int, d_model: int = 256, num_layers: int = 2, num_heads: int = 4,
+                 max_len: int = 512):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.pos = nn.Embedding(max_len, d_model)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        layer = nn.TransformerEncoderLayer(d_model, num_heads, 4 * d_model, dropout=0.0, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.layers = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(d_model)
+        self.max_len = max_len
+
+    def init_state(self, batch_size: int) -> NoState:
+        return NoState()
+
+    def forward(self, tokens: torch.Tensor, state: NoState | None = None):
+        T = tokens.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"sequence of {T} tokens is longer than max_len={self.max_len}")
+        x = self.embed(tokens) + self.pos(torch.arange(T, device=tokens.device))
+        mask = torch.triu(torch.full((T, T), float("-inf"), device=tokens.device), diagonal=1)
+        x = self.layers(x, mask=mask, is_causal=True)
+        return self.ln(x) @ self.embed.weight.T, NoState()
+
+
+@dataclasses.dataclass
+class LSTMState(TensorState):
+    h: torch.Tensor
+    c: torch.Tensor
+
+
+class LSTMLM(nn.Module):
+    """LSTM language model with input/output projections tied to the embedding."""
+
+    def __init__(self, vocab_size: int, embed_dim: int = 256, hidden_dim: int = 512, num_layers: int = 1):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True)
+        self.down = nn.Linear(hidden_dim, embed_dim)
+        self.num_layers, self.hidden_dim = num_layers, hidden_dim
+
+    def init_state(self, batch_size: int) -> LSTMState:
+        z = self.down.weight.new_zeros(self.num_layers, batch_size, self.hidden_dim)
+        return LSTMState(h=z, c=z.clone())
+
+    def forward(self, tokens: torch.Tensor, state: LSTMState | None = None):
+        state = self.init_state(tokens.shape[0]) if state is None else state
+        y, (h, c) = self.lstm(self.embed(tokens), (state.h, state.c))
+        return self.down(y) @ self.embed.weight.T, LSTMState(h=h, c=c)

@@ -1,0 +1,274 @@
+"""S3CMN language model (seeds/000, seeds/001): Hyena frontend, S4D blocks, spiking neurons whose
+membrane input fuses an episodic kNN-LM style memory, tied LM head.
+
+    tokens -> Embedding(E) -> x += Hyena(LN x) -> Linear(E -> H)
+           -> num_layers x [ x += W_o GELU(S4D(LN x))
+                             q = LN x;  r = sum_k w_k Emb(next-token id of entry k)   (Memory.search(q))
+                             s = LIF(W_s q + W_m r);  x += W_p s ]
+           -> LN -> Linear(H -> E) -> logits = . Emb^T
+
+Memory (one per block) stores (q_t, token_{t+1}) pairs. Entries are buffered in the recurrent
+state and written to the store only when the absolute position reaches a multiple of
+``memory_interval``; a position therefore reads only entries whose key and value both come
+from strictly earlier positions (causal), every read sees the same store however the sequence
+is cut (whole == chunks == steps), and each batch row reads only its own stream (``group``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnnn.layers.hyena import Hyena, HyenaState
+from mnnn.layers.spiking import SpikingLayer, SpikingState
+from mnnn.layers.ssm import S4D
+from mnnn.memory.episodic import Memory
+from mnnn.state import TensorState
+
+
+@dataclasses.dataclass
+class S3CMNConfig:
+    vocab_size: int = 30522
+    embedding_dim: int = 256
+    hidden_dim: int = 512
+    num_layers: int = 1
+    memory_size: int = 1024
+    d_state: int = 64
+    max_len: int = 1024  # Hyena filter support
+    use_memory: bool = True
+    memory_top_k: int = 8
+    memory_interval: int = 64
+    memory_compressed_dim: int = 64
+    memory_quantize: bool = True
+    beta: float = 0.95
+    threshold: float = 1.0
+    spike_grad: str = "fast_sigmoid"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "embedding_dim", "hidden_dim", "num_layers", "memory_size", "d_state",
+                     "max_len", "memory_top_k", "memory_interval", "memory_compressed_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "S3CMNConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown S3CMN config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclasses.dataclass
+class S3CMNState(TensorState):
+    pos: torch.Tensor  # [] absolute position of the next token
+    hyena: HyenaState
+    ssm: torch.Tensor  # [L, B, H, N] complex
+    membrane: torch.Tensor  # [L, B, H]
+    pending_keys: torch.Tensor  # [L, B, S, H] completed entries not yet written
+    pending_values: torch.Tensor  # [B, S] their next-token ids
+    pending_count: torch.Tensor  # []
+    last_keys: torch.Tensor  # [L, B, H] key of the previous position, waiting for its next token
+    has_last: torch.Tensor  # [] 1 once a previous position exists
+
+
+class S3CMNBlock(nn.Module):
+    def __init__(self, cfg: S3CMNConfig):
+        super().__init__()
+        H, E = cfg.hidden_dim, cfg.embedding_dim
+        self.ln_ssm = nn.LayerNorm(H)
+        self.ssm = S4D(H, cfg.d_state)
+        self.ssm_out = nn.Linear(H, H)
+        self.ln_spk = nn.LayerNorm(H)
+        self.spiking = SpikingLayer(H, H, beta=cfg.beta, threshold=cfg.threshold, spike_grad=cfg.spike_grad)
+        self.spk_out = nn.Linear(H, H)
+        self.memory = None
+        if cfg.use_memory:
+            self.memory = Memory(cfg.memory_size, H, compressed_dim=min(cfg.memory_compressed_dim, H),
+                                 max_size=cfg.memory_size, quantize=cfg.memory_quantize, value_dim=1,
+                                 similarity_threshold=0.5)
+            self.mem_in = nn.Linear(E, H, bias=False)
+            nn.init.zeros_(self.mem_in.weight)  # an untrained read changes nothing
+        self.top_k = cfg.memory_top_k
+
+
+class S3CMN(nn.Module):
+    """The S3CMN language model. ``forward(tokens [B, T], state) -> (logits [B, T, V], state)``;
+    see the module docstring. Signature of the seed: ``S3CMN(vocab_size=30522, embedding_dim=256,
+    hidden_dim=512, num_layers=1, memory_size=1024, device=...)``; the other knobs live in
+    :class:`S3CMNConfig` and may be passed as keywords."""
+
+    def __init__(self, vocab_size: int = 30522, embedding_dim: int = 256, hidden_dim: int = 512,
+                 num_layers: int = 1, memory_size: int = 1024, device: str = "cpu", **config: Any):
+        super().__init__()
+        cfg = S3CMNConfig.from_dict(dict(vocab_size=vocab_size, embedding_dim=embedding_dim,
+                                         hidden_dim=hidden_dim, num_layers=num_layers, memory_size=memory_size,
+                                         **config))
+        self.config = cfg
+        E, H = cfg.embedding_dim, cfg.hidden_dim
+        self.embed = nn.Embedding(cfg.vocab_size, E)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.ln_in = nn.LayerNorm(E)
+        self.hyena = Hyena(E, cfg.max_len)
+        self.up = nn.Linear(E, H)
+        self.blocks = nn.ModuleList(S3CMNBlock(cfg) for _ in range(cfg.num_layers))
+        self.ln_out = nn.LayerNorm(H)
+        self.down = nn.Linear(H, E)
+        self.reset_stats()
+        self.to(device)
+
+    # ---- state --------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int) -> S3CMNState:
+        cfg, w = self.config, self.up.weight
+        L, H, S = cfg.num_layers, cfg.hidden_dim, cfg.memory_interval
+        ssm = torch.stack([b.ssm.init_state(batch_size) for b in self.blocks])
+        zero = torch.zeros((), dtype=torch.long, device=w.device)
+        return S3CMNState(pos=zero, hyena=self.hyena.init_state(batch_size), ssm=ssm,
+                          membrane=w.new_zeros(L, batch_size, H), pending_keys=w.new_zeros(L, batch_size, S, H),
+                          pending_values=torch.zeros(batch_size, S, dtype=torch.long, device=w.device),
+                          pending_count=zero.clone(), last_keys=w.new_zeros(L, batch_size, H), has_last=zero.clone())
+
+    def reset_memory(self) -> None:
+        """Empty every block's episodic store (e.g. before evaluating a new stream)."""
+        for block in self.blocks:
+            if block.memory is not None:
+                block.memory.clear()
+
+    def reset_stats(self) -> None:
+        self._retrieval = [0, 0]
+        for block in getattr(self, "blocks", []):
+            block.spiking.reset_state()
+            if block.memory is not None:
+                block.memory.reset_stats()
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, state: S3CMNState | None = None):
+        if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"tokens must be a [B, T] integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        tokens = tokens.long()
+        state = self.init_state(tokens.shape[0]) if state is None else state
+        S = self.config.memory_interval
+        outs, start, T = [], 0, tokens.shape[1]
+        while start < T:
+            # pieces end where the absolute position reaches a multiple of memory_interval
+            end = min(T, start + S - (int(state.pos) % S))
+            logits, state = self._piece(tokens[:, start:end], state, tokens[:, end] if end < T else None)
+            outs.append(logits)
+            start = end
+        return torch.cat(outs, dim=1), state
+
+    def step(self, token_t: torch.Tensor, state: S3CMNState):
+        logits, state = self(token_t[:, None], state)
+        return logits[:, 0], state
+
+    def _piece(self, tokens: torch.Tensor, state: S3CMNState, next_token: torch.Tensor | None):
+        B, T = tokens.shape
+        x = self.embed(tokens)
+        h, hyena_state = self.hyena(self.ln_in(x), state.hyena)
+        x = self.up(x + h)
+        group = torch.arange(B, device=tokens.device).repeat_interleave(T)
+        ssm_states, membranes, keys = [], [], []
+        for i, block in enumerate(self.blocks):
+            y, h_ssm = block.ssm(block.ln_ssm(x), state.ssm[i])
+            x = x + block.ssm_out(F.gelu(y))
+            ssm_states.append(h_ssm)
+            q = block.ln_spk(x)
+            extra = None
+            if block.memory is not None:
+                extra = self._read(block, q, group, tokens, next_token)
+                keys.append(q.detach())
+            spikes, sp_state = block.spiking(q, SpikingState(u=state.membrane[i]), extra)
+            membranes.append(sp_state.u)
+            x = x + block.spk_out(spikes)
+        logits = self.down(self.ln_out(x)) @ self.embed.weight.T
+        new = S3CMNState(pos=state.pos + T, hyena=hyena_state, ssm=torch.stack(ssm_states),
+                         membrane=torch.stack(membranes), pending_keys=state.pending_keys,
+                         pending_values=state.pending_values, pending_count=state.pending_count,
+                         last_keys=state.last_keys, has_last=state.has_last)
+        if keys:
+            new = self._buffer_entries(new, torch.stack(keys), tokens)
+        return logits, new
+
+    def _read(self, block: S3CMNBlock, q: torch.Tensor, group, tokens, next_token) -> torch.Tensor:
+        B, T, H = q.shape
+        read = block.memory.search(q.reshape(B * T, H), block.top_k, group=group)
+        ids = read.entry_values[..., 0].long()  # [B*T, k]
+        mix = torch.einsum("nk,nke->ne", read.weights, self.embed(ids)) if ids.numel() else \
+            q.new_zeros(B * T, self.config.embedding_dim)
+        with torch.no_grad():  # retrieval accuracy: the best entry's next token vs the true next token
+            if ids.numel():
+                truth = torch.cat([tokens[:, 1:], next_token[:, None] if next_token is not None
+                                   else torch.full_like(tokens[:, :1], -1)], dim=1).reshape(-1)
+                best = ids.gather(1, read.weights.argmax(1, keepdim=True))[:, 0]
+                found = (read.weights.sum(1) > 0) & (truth >= 0)
+                self._retrieval[0] += int(((best == truth) & found).sum())
+                self._retrieval[1] += int(found.sum())
+        return block.mem_in(mix).view(B, T, H)
+
+    @torch.no_grad()
+    def _buffer_entries(self, state: S3CMNState, keys: torch.Tensor, tokens: torch.Tensor) -> S3CMNState:
+        """keys ``[L, B, T, H]`` of this piece's positions. Entry of position t = (key_t, token_{t+1}):
+        complete for the previous piece's last position and positions < T-1 here; flushed to the
+        stores when the absolute position reaches a multiple of memory_interval."""
+        L, B, T, H = keys.shape
+        S = self.config.memory_interval
+        if int(state.has_last):
+            new_keys = torch.cat([state.last_keys[:, :, None], keys[:, :, :-1]], dim=2)
+            new_vals = tokens
+        else:
+            new_keys, new_vals = keys[:, :, :-1], tokens[:, 1:]
+        c, n = int(state.pending_count), new_keys.shape[2]
+        pk, pv = state.pending_keys.clone(), state.pending_values.clone()
+        pk[:, :, c:c + n], pv[:, c:c + n] = new_keys, new_vals
+        c += n
+        if int(state.pos) % S == 0:
+            group = torch.arange(B, device=keys.device).repeat_interleave(c)
+            for i, block in enumerate(self.blocks):
+                block.memory.add_to_memory(pk[i, :, :c].reshape(B * c, H), pv[:, :c].reshape(-1), group=group)
+            c = 0
+        state.pending_keys, state.pending_values = pk, pv
+        state.pending_count = torch.tensor(c, device=keys.device)
+        state.last_keys, state.has_last = keys[:, :, -1], torch.ones((), dtype=torch.long, device=keys.device)
+        return state
+
+    # ---- statistics -----------------------------------------------------------------------------
+    def get_stats(self) -> dict[str, Any]:
+        """Memory hit rate and stats per block, retrieval accuracy, spike statistics."""
+        out: dict[str, Any] = {"retrieval_accuracy": self._retrieval[0] / self._retrieval[1]
+                               if self._retrieval[1] else 0.0, "blocks": []}
+        for block in self.blocks:
+            entry = {"spikes": block.spiking.get_stats()}
+            if block.memory is not None:
+                entry["memory"] = block.memory.get_memory_stats()
+            out["blocks"].append(entry)
+        mem = [b["memory"] for b in out["blocks"] if "memory" in b]
+        out["memory_hit_rate"] = sum(m["hit_rate"] for m in mem) / len(mem) if mem else 0.0
+        out["spike_rate"] = sum(b["spikes"]["spike_rate"] for b in out["blocks"]) / len(out["blocks"])
+        return out
+
+    # ---- persistence ------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Weights (memory stores included) as safetensors with the config in the header."""
+        from mnnn.serialization import save_tensors
+
+        save_tensors(path, dict(self.state_dict()), {"class": "S3CMN", "config": dataclasses.asdict(self.config)})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "S3CMN":
+        from mnnn.serialization import load_tensors
+
+        tensors, meta = load_tensors(path)
+        if meta.get("class") != "S3CMN":
+            raise ValueError(f"{path} holds a {meta.get('class')!r}, not an S3CMN checkpoint")
+        model = cls(device=device, **meta["config"])
+        model.load_state_dict(tensors)
+        return model
