@@ -9,7 +9,7 @@ export MNNN_DATA_DIR
 # Small ops do not gain from many threads; oversubscription makes them crawl.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: run test bench install clean
+.PHONY: run demo test bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/mnnn train
+
+demo: $(STAMP)
 	$(BIN)/mnnn demo --out runs/demo
 
 test: $(STAMP)

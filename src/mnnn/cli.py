@@ -28,6 +28,93 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_data(split: str):
+    from mnnn.data.wikitext import load_split
+
+    return load_split(split)
+
+
+def _summary(model, ppl: float) -> dict:
+    out = {"valid_ppl": ppl}
+    if hasattr(model, "get_stats"):
+        stats = model.get_stats()
+        out.update(memory_hit_rate=stats["memory_hit_rate"], retrieval_accuracy=stats["retrieval_accuracy"],
+                   spike_rate=stats["spike_rate"], blocks=stats["blocks"])
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from mnnn.data.wikitext import load_tokenizer
+    from mnnn.lm import build_model, load_config, predict
+    from mnnn.training.lm import evaluate_lm, train_lm
+
+    cfg = load_config(args.config, args.set)
+    tr = dict(cfg["training"])
+    out_dir = Path(args.out or tr.pop("out_dir", "runs/train"))
+    tr.pop("out_dir", None)
+    prompt = tr.pop("sample_prompt", "the history of the city")
+    eval_bs = tr.pop("eval_batch_size", 4)
+    eval_tokens = tr.pop("eval_tokens", None)  # None: the whole valid split
+    train_ids, valid_ids = _load_data("train"), _load_data("valid")
+    model = build_model(cfg)
+    print(f"{cfg['model'].get('name', 's3cmn')}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"training on {len(train_ids):,} WikiText-2 tokens -> {out_dir}")
+    hist = train_lm(model, train_ids, valid_ids=valid_ids[:20000] if tr.get("eval_every") else None,
+                    out_dir=out_dir, resume=not args.no_resume, config=cfg, progress=not args.quiet, **tr)
+    print(f"trained {hist['steps']} steps, {hist['tokens']:,} tokens at {hist['tokens'] / hist['seconds']:.0f} tokens/s")
+    ev = evaluate_lm(model, valid_ids[:eval_tokens], batch_size=eval_bs, seq_len=tr.get("seq_len", 128))
+    summary = _summary(model, ev["ppl"])
+    summary.update(steps=hist["steps"], train_tokens_per_s=hist["tokens"] / hist["seconds"], valid_tokens=ev["tokens"])
+    (out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
+    print(f"valid perplexity {ev['ppl']:.2f} over {ev['tokens']:,} tokens (exp of total NLL / tokens)")
+    if "memory_hit_rate" in summary:
+        print(f"memory hit rate {summary['memory_hit_rate']:.3f}, retrieval accuracy "
+              f"{summary['retrieval_accuracy']:.3f}, spike rate {summary['spike_rate']:.3f}")
+    sample = predict(model, load_tokenizer(), prompt, max_new_tokens=30, seed=0)
+    print(f"sample: {prompt} ... {sample}")
+    print(f"checkpoint, metrics.jsonl, curves.png and eval.json in {out_dir}")
+    return 0
+
+
+def _load_checkpoint_model(path: str):
+    from mnnn.lm import build_model
+    from mnnn.training.checkpoint import load_checkpoint, restore
+
+    tensors, meta = load_checkpoint(path)
+    cfg = meta["config"]
+    model = build_model({s: cfg.get(s, {}) for s in ("model", "memory", "training")})
+    restore(tensors, meta, model, None, None)
+    return model, meta
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from mnnn.training.lm import evaluate_lm
+
+    model, meta = _load_checkpoint_model(args.checkpoint)
+    ids = _load_data(args.split)[: args.max_tokens]
+    ev = evaluate_lm(model, ids, batch_size=args.batch_size, seq_len=meta["config"].get("seq_len", 128))
+    summary = _summary(model, ev["ppl"])
+    summary.update(split=args.split, tokens=ev["tokens"], step=meta["step"])
+    print(json.dumps({k: v for k, v in summary.items() if k != "blocks"}, indent=2))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from mnnn.data.wikitext import load_tokenizer
+    from mnnn.lm import predict
+
+    model, _ = _load_checkpoint_model(args.checkpoint)
+    text = predict(model, load_tokenizer(), args.text, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(f"{args.text} {text}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import os
 
@@ -68,14 +155,53 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
 
+    train = sub.add_parser("train", help="train a language model on WikiText-2 (default: the S3CMN config)",
+                           description="Train an LM from a YAML config (sections model, memory, training), "
+                           "checkpointing atomically and resuming when a checkpoint exists; then evaluate on "
+                           "the valid split, print perplexity, memory and spike statistics, and a sample.")
+    train.add_argument("--config", default=None, help="YAML config (default: the embedded configs/s3cmn.yaml)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set training.max_steps=200 (repeatable)")
+    train.add_argument("--out", default=None, help="output folder (default: training.out_dir of the config)")
+    train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the output folder")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="perplexity and statistics of a checkpoint",
+                        description="Evaluate a training checkpoint on a WikiText-2 split: perplexity = exp(total "
+                        "NLL / predicted tokens) over the whole split, memory hit rate, retrieval accuracy, spikes.")
+    ev.add_argument("checkpoint", help="path to checkpoint.safetensors")
+    ev.add_argument("--split", choices=["valid", "test", "train"], default="valid", help="split (default: valid)")
+    ev.add_argument("--batch-size", type=int, default=4, help="parallel streams (default: 4)")
+    ev.add_argument("--max-tokens", type=int, default=None,
+                    help="score only the first N tokens of the split (default: the whole split)")
+    ev.set_defaults(func=_cmd_eval)
+
+    gen = sub.add_parser("generate", help="continue a text with a checkpoint",
+                         description="Tokenize TEXT (BERT uncased), continue it by sampling, print the result.")
+    gen.add_argument("checkpoint", help="path to checkpoint.safetensors")
+    gen.add_argument("text", help="the prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: 50)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature > 0 (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.set_defaults(func=_cmd_generate)
+
     info = sub.add_parser("info", help="versions, device and data location")
     info.set_defaults(func=_cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mnnn.data.wikitext import DataNotFoundError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (DataNotFoundError, FileNotFoundError, ValueError, KeyError) as err:
+        # user errors (missing data, bad config, corrupt checkpoint): one clear line, exit code 2
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -62,14 +62,13 @@ class TensorState:
     def from_tensors(cls: type[S], tensors: dict[str, torch.Tensor]) -> S:
         """Inverse of :meth:`tensors`."""
         values = {}
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-        for name in hints:
+        for field in dataclasses.fields(cls):
+            name = field.name
             nested = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-            if nested:
-                field_cls = _resolve_state_type(cls, name)
-                values[name] = field_cls.from_tensors(nested)
-            else:
+            if name in tensors:
                 values[name] = tensors[name]
+            else:
+                values[name] = _resolve_state_type(cls, name).from_tensors(nested)
         return cls(**values)
 
 

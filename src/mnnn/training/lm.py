@@ -7,8 +7,10 @@ streams, read ``seq_len`` tokens at a time, with the state carried (detached) be
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnnn.serialization import atomic_write
+from mnnn.training.checkpoint import load_checkpoint, restore, save_checkpoint
 from mnnn.training.loop import cosine_lr
 
 
@@ -43,6 +47,8 @@ def evaluate_lm(model: nn.Module, ids, batch_size: int = 8, seq_len: int = 128) 
     data = batchify(ids, batch_size)
     state = _fresh_streams(model, batch_size)
     total_nll, total = 0.0, 0
+    device = next(model.parameters()).device
+    data = data.to(device)
     for start in range(0, data.shape[1] - 1, seq_len):
         x = data[:, start : start + seq_len]
         y = data[:, start + 1 : start + 1 + seq_len]
@@ -66,13 +72,27 @@ def train_lm(
     grad_clip: float = 1.0,
     seed: int = 0,
     progress: bool = False,
+    valid_ids=None,
+    eval_every: int | None = None,
+    out_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """AdamW with warm-up and cosine decay, gradient clipping, TBPTT with the state carried across
-    segments; stops after ``max_steps`` or ``time_budget_s`` (whichever first; one is required)."""
+    """The one LM training loop: AdamW with warm-up and cosine decay, gradient clipping, TBPTT
+    with the state carried (detached) across segments, stopping after ``max_steps`` or
+    ``time_budget_s`` (whichever first; one is required).
+
+    With ``out_dir``: metrics go to ``metrics.jsonl`` (one line per step, validation lines every
+    ``eval_every`` steps when ``valid_ids`` is given), a checkpoint (model incl. memory stores,
+    optimizer, carried state, RNG, step) is written atomically every ``checkpoint_every`` steps and
+    at the end, and ``curves.png`` plots the losses. With ``resume`` a run finds its checkpoint and
+    continues; with ``max_steps`` the resumed run ends bitwise equal to an uninterrupted one (a
+    time budget makes the schedule depend on speed, so only max_steps runs are reproducible)."""
     if max_steps is None and time_budget_s is None:
         raise ValueError("give max_steps or time_budget_s")
     torch.manual_seed(seed)
-    data = batchify(train_ids, batch_size)
+    data = batchify(train_ids, batch_size).to(next(model.parameters()).device)
     steps_per_pass = (data.shape[1] - 1) // seq_len
     if steps_per_pass < 1:
         raise ValueError(f"seq_len={seq_len} is longer than each stream ({data.shape[1]} tokens)")
@@ -80,45 +100,118 @@ def train_lm(
     schedule_len = max_steps or max(1, int(time_budget_s * 2))  # refined after the first steps
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     state = _fresh_streams(model, batch_size)
+    step = 0
+    out = Path(out_dir) if out_dir is not None else None
+    ckpt = out / "checkpoint.safetensors" if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".checkpoint.safetensors.*.tmp"):  # left by a run killed mid-write
+            stale.unlink()
+        if resume and ckpt.is_file():
+            tensors, meta = load_checkpoint(ckpt)
+            state, step = restore(tensors, meta, model, opt, state)
+            schedule_len = meta["extra"].get("schedule_len", schedule_len)
+            _truncate_metrics(out / "metrics.jsonl", step)
+    run_config = dict(config or {}, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
+                      weight_decay=weight_decay, max_steps=max_steps, time_budget_s=time_budget_s, seed=seed)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_steps, desc="train", unit="step")
+        bar = tqdm(total=max_steps, initial=step, desc="train", unit="step")
     start_time = time.perf_counter()
-    history: dict[str, list] = {"step": [], "loss": [], "tokens_per_s": []}
-    step, tokens = 0, 0
-    while step < planned:
-        i = (step % steps_per_pass) * seq_len
-        if i == 0 and step:
-            state = _fresh_streams(model, batch_size)  # a new pass over the streams
-        x, y = data[:, i : i + seq_len], data[:, i + 1 : i + 1 + seq_len]
-        for group in opt.param_groups:
-            group["lr"] = learning_rate * cosine_lr(step, schedule_len, warmup)
-        model.train()
-        logits, state = model(x, state)
-        state = state.detach()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
-        step += 1
-        tokens += y.numel()
-        elapsed = time.perf_counter() - start_time
-        if time_budget_s is not None and max_steps is None and step == 5:
-            schedule_len = max(step + 1, int(time_budget_s / (elapsed / step)))
-        history["step"].append(step)
-        history["loss"].append(loss.item())
-        history["tokens_per_s"].append(tokens / elapsed)
+    first_step = step
+    history: dict[str, Any] = {"step": [], "loss": [], "tokens_per_s": [], "valid": []}
+    tokens = 0
+    metrics = open(out / "metrics.jsonl", "a") if out is not None else None
+
+    def checkpoint() -> None:
+        if ckpt is not None:
+            save_checkpoint(ckpt, model, opt, state, step, run_config, {"schedule_len": schedule_len})
+
+    try:
+        while step < planned:
+            i = (step % steps_per_pass) * seq_len
+            if i == 0 and step:
+                state = _fresh_streams(model, batch_size)  # a new pass over the streams
+            x, y = data[:, i : i + seq_len], data[:, i + 1 : i + 1 + seq_len]
+            for group in opt.param_groups:
+                group["lr"] = learning_rate * cosine_lr(step, schedule_len, warmup)
+            model.train()
+            logits, state = model(x, state)
+            state = state.detach()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            step += 1
+            tokens += y.numel()
+            elapsed = time.perf_counter() - start_time
+            if time_budget_s is not None and max_steps is None and step - first_step == 5:
+                schedule_len = max(step + 1, int(time_budget_s / (elapsed / 5)))
+            record = {"step": step, "loss": loss.item(), "tokens_per_s": tokens / elapsed,
+                      "lr": opt.param_groups[0]["lr"]}
+            history["step"].append(step)
+            history["loss"].append(record["loss"])
+            history["tokens_per_s"].append(record["tokens_per_s"])
+            if valid_ids is not None and eval_every and step % eval_every == 0:
+                record["valid_ppl"] = evaluate_lm(model, valid_ids, batch_size=min(4, batch_size), seq_len=seq_len)["ppl"]
+                history["valid"].append((step, record["valid_ppl"]))
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+            if bar is not None:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.update(1)
+            if checkpoint_every and step % checkpoint_every == 0:
+                checkpoint()
+            if time_budget_s is not None and elapsed >= time_budget_s:
+                break
+        checkpoint()
+    finally:
+        if metrics is not None:
+            metrics.close()
         if bar is not None:
-            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens / elapsed:.0f}")
-            bar.update(1)
-        if time_budget_s is not None and elapsed >= time_budget_s:
-            break
-    if bar is not None:
-        bar.close()
+            bar.close()
     history["steps"] = step
     history["tokens"] = tokens
     history["seconds"] = time.perf_counter() - start_time
+    if out is not None:
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
     return history
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Training loss (and validation perplexity when recorded) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1, label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    val = [r for r in rows if "valid_ppl" in r]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in val], [r["valid_ppl"] for r in val], "o-", color="tab:red", label="valid ppl")
+        ax2.set_ylabel("valid perplexity")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title("training curves")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,66 @@
+import json
+import os
+
+import pytest
+
+from mnnn.cli import main
+from mnnn.lm import build_model, load_config
+
+TINY = ["--set", "model.embedding_dim=16", "--set", "model.hidden_dim=16", "--set", "model.num_layers=1",
+        "--set", "model.max_len=32", "--set", "model.d_state=8", "--set", "memory.memory_size=64",
+        "--set", "training.max_steps=3", "--set", "training.time_budget_s=null", "--set", "training.seq_len=16",
+        "--set", "training.batch_size=2", "--set", "training.checkpoint_every=2", "--set", "training.eval_batch_size=16",
+        "--set", "training.eval_tokens=20000"]
+
+needs_data = pytest.mark.skipif(not os.environ.get("MNNN_DATA_DIR"), reason="MNNN_DATA_DIR not set")
+
+
+@needs_data
+def test_train_eval_generate(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--quiet", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "valid perplexity" in out and "memory hit rate" in out and "sample:" in out
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    assert summary["steps"] == 3 and summary["valid_ppl"] > 1
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    ckpt = str(tmp_path / "checkpoint.safetensors")
+    assert main(["eval", ckpt, "--split", "test", "--batch-size", "16", "--max-tokens", "20000"]) == 0
+    assert '"split": "test"' in capsys.readouterr().out
+    assert main(["generate", ckpt, "the city", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    main(["generate", ckpt, "the city", "--max-new-tokens", "5", "--seed", "1"])
+    assert capsys.readouterr().out == first
+    assert main(["generate", ckpt, "  "]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_missing_data_names_the_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MNNN_DATA_DIR", raising=False)
+    assert main(["train", "--out", str(tmp_path), "--quiet", *TINY]) == 2
+    assert "MNNN_DATA_DIR" in capsys.readouterr().err
+
+
+def test_config_errors(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--set", "training.epochz=3"]) == 2
+    assert "unknown training keys ['epochz']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown S3CMN config keys"):
+        build_model(load_config(None, ["model.hiden_dim=3"]))
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["max_steps=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("modle: {}\n")
+    with pytest.raises(ValueError, match="unknown config sections"):
+        load_config(bad)
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(b"\x00" * 100)
+    assert main(["eval", str(path)]) == 2
+    assert "truncated or foreign" in capsys.readouterr().err
+
+
+def test_embedded_config_builds_the_default_model():
+    cfg = load_config()
+    model = build_model(cfg)
+    assert model.config.hidden_dim == cfg["model"]["hidden_dim"]

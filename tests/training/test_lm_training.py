@@ -1,0 +1,99 @@
+import dataclasses
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mnnn.state import TensorState
+from mnnn.training.checkpoint import load_checkpoint
+from mnnn.training.lm import batchify, evaluate_lm, train_lm
+
+
+@dataclasses.dataclass
+class _Empty(TensorState):
+    pass
+
+
+class _FixedLM(nn.Module):
+    """Predicts the same distribution everywhere: p = [1/2, 1/4, 1/8, 1/8]."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.log(torch.tensor([0.5, 0.25, 0.125, 0.125])))
+
+    def init_state(self, batch_size):
+        return _Empty()
+
+    def forward(self, tokens, state=None):
+        return self.logits.expand(*tokens.shape, 4), _Empty()
+
+
+def test_perplexity_hand_computed():
+    ids = np.array([0, 1, 2, 3, 0, 0, 1, 3, 2, 0], dtype=np.int64)
+    # one stream: tokens 1..9 are predicted once each
+    nll = -np.log([0.25, 0.125, 0.125, 0.5, 0.5, 0.25, 0.125, 0.125, 0.5])
+    result = evaluate_lm(_FixedLM(), ids, batch_size=1, seq_len=4)
+    assert result["tokens"] == 9
+    assert result["ppl"] == pytest.approx(math.exp(nll.mean()), rel=1e-6)
+    # two streams of 5: each stream's first token is not predicted
+    two = evaluate_lm(_FixedLM(), ids, batch_size=2, seq_len=3)
+    assert two["tokens"] == 8
+
+
+def test_batchify_and_budget_errors():
+    assert batchify(np.arange(10), 3).shape == (3, 3)
+    with pytest.raises(ValueError, match="at least"):
+        batchify(np.arange(3), 2)
+    with pytest.raises(ValueError, match="max_steps or time_budget_s"):
+        train_lm(_FixedLM(), np.arange(100) % 4)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch
+    from mnnn.models.s3cmn import S3CMN
+    from mnnn.training.lm import train_lm
+    torch.manual_seed(0)
+    model = S3CMN(vocab_size=40, embedding_dim=16, hidden_dim=16, num_layers=1, memory_size=64, max_len=32,
+                  memory_interval=8, memory_top_k=2, d_state=8)
+    ids = np.random.default_rng(0).integers(0, 40, 20000)
+    train_lm(model, ids, batch_size=4, seq_len=16, max_steps=int(sys.argv[2]), learning_rate=3e-3,
+             out_dir=sys.argv[1], checkpoint_every=5, warmup=3)
+""")
+
+
+def _run(out, steps):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), str(steps)],
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_resume_after_kill_minus_9_is_bitwise(tmp_path):
+    steps = 120
+    assert _run(tmp_path / "a", steps).wait(timeout=600) == 0
+    proc = _run(tmp_path / "b", steps)
+    ckpt = tmp_path / "b" / "checkpoint.safetensors"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file() and load_checkpoint(ckpt)[1]["step"] >= 15:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, meta = load_checkpoint(ckpt)  # whatever instant the kill hit, the checkpoint is whole
+    assert meta["step"] < steps, "the run finished before it could be killed"
+    assert _run(tmp_path / "b", steps).wait(timeout=600) == 0
+    a, meta_a = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
+    b, meta_b = load_checkpoint(ckpt)
+    assert meta_a["step"] == meta_b["step"] == steps
+    for key in a:
+        if key.startswith(("model/", "opt/")):
+            assert torch.equal(a[key], b[key]), key
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == steps  # no duplicated steps after the resume
