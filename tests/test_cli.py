@@ -79,3 +79,11 @@ def test_bench_lm_toy(tmp_path):
 def test_bench_preset_missing(tmp_path, capsys):
     assert main(["bench", "estimators", "--preset", "gpu", "--out", str(tmp_path)]) == 2
     assert "presets" in capsys.readouterr().err
+
+
+def test_bench_cmr_toy(tmp_path):
+    pytest.importorskip("transformers")
+    assert main(["bench", "cmr", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "cmr.json").read_text())["results"]
+    assert rows[0]["model"] == "base" and len(rows) == 5
+    assert all(r.get("max_abs_diff_closed_gate", 0) < 1e-5 for r in rows)

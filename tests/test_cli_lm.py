@@ -64,3 +64,16 @@ def test_embedded_config_builds_the_default_model():
     cfg = load_config()
     model = build_model(cfg)
     assert model.config.hidden_dim == cfg["model"]["hidden_dim"]
+
+
+@needs_data
+def test_tune_grid(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("memory.memory_top_k: [1, 2]\n")
+    assert main(["tune", str(grid), "--out", str(tmp_path / "tune"), "--quiet", *TINY]) == 0
+    rows = json.loads((tmp_path / "tune" / "results.json").read_text())
+    assert [r["memory.memory_top_k"] for r in rows] == [1, 2]
+    assert (tmp_path / "tune" / "results.md").read_text().startswith("| run")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("memory.memory_top_k: 3\n")
+    assert main(["tune", str(bad), "--out", str(tmp_path / "t2")]) == 2

@@ -43,17 +43,17 @@ def _summary(model, ppl: float) -> dict:
     return out
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def run_training(cfg: dict, out_dir=None, resume: bool = True, quiet: bool = False, sample: bool = True) -> dict:
+    """Train the LM a config describes, evaluate it on valid, write eval.json; return the summary."""
     import json
     from pathlib import Path
 
     from mnnn.data.wikitext import load_tokenizer
-    from mnnn.lm import build_model, load_config, predict
+    from mnnn.lm import build_model, predict
     from mnnn.training.lm import evaluate_lm, train_lm
 
-    cfg = load_config(args.config, args.set)
     tr = dict(cfg["training"])
-    out_dir = Path(args.out or tr.pop("out_dir", "runs/train"))
+    out_dir = Path(out_dir or tr.get("out_dir") or "runs/train")
     tr.pop("out_dir", None)
     prompt = tr.pop("sample_prompt", "the history of the city")
     eval_bs = tr.pop("eval_batch_size", 4)
@@ -63,7 +63,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{cfg['model'].get('name', 's3cmn')}: {sum(p.numel() for p in model.parameters()):,} parameters; "
           f"training on {len(train_ids):,} WikiText-2 tokens -> {out_dir}")
     hist = train_lm(model, train_ids, valid_ids=valid_ids[:20000] if tr.get("eval_every") else None,
-                    out_dir=out_dir, resume=not args.no_resume, config=cfg, progress=not args.quiet, **tr)
+                    out_dir=out_dir, resume=resume, config=cfg, progress=not quiet, **tr)
     print(f"trained {hist['steps']} steps, {hist['tokens']:,} tokens at {hist['tokens'] / hist['seconds']:.0f} tokens/s")
     ev = evaluate_lm(model, valid_ids[:eval_tokens], batch_size=eval_bs, seq_len=tr.get("seq_len", 128))
     summary = _summary(model, ev["ppl"])
@@ -73,9 +73,51 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if "memory_hit_rate" in summary:
         print(f"memory hit rate {summary['memory_hit_rate']:.3f}, retrieval accuracy "
               f"{summary['retrieval_accuracy']:.3f}, spike rate {summary['spike_rate']:.3f}")
-    sample = predict(model, load_tokenizer(), prompt, max_new_tokens=30, seed=0)
-    print(f"sample: {prompt} ... {sample}")
+    if sample:
+        text = predict(model, load_tokenizer(), prompt, max_new_tokens=30, seed=0)
+        print(f"sample: {prompt} ... {text}")
     print(f"checkpoint, metrics.jsonl, curves.png and eval.json in {out_dir}")
+    return summary
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mnnn.lm import load_config
+
+    run_training(load_config(args.config, args.set), args.out, resume=not args.no_resume, quiet=args.quiet)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """Grid search: every combination of the grid's values, one training run each, one table."""
+    import itertools
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from mnnn.bench.common import markdown_table
+    from mnnn.lm import load_config
+
+    grid = yaml.safe_load(Path(args.grid).read_text()) or {}
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise ValueError(f"{args.grid} must map section.key to a non-empty list of values")
+    keys = list(grid)
+    rows = []
+    out = Path(args.out)
+    for i, values in enumerate(itertools.product(*(grid[k] for k in keys))):
+        overrides = list(args.set) + [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]
+        cfg = load_config(args.config, overrides)
+        summary = run_training(cfg, out / f"run{i:03d}", resume=True, quiet=args.quiet, sample=False)
+        row = {"run": i, **dict(zip(keys, values)), "valid_ppl": summary["valid_ppl"],
+               "tokens_per_s": summary["train_tokens_per_s"]}
+        row.update({k: summary[k] for k in ("memory_hit_rate", "spike_rate") if k in summary})
+        rows.append(row)
+    columns = ["run", *keys, "valid_ppl", "tokens_per_s"] + [c for c in ("memory_hit_rate", "spike_rate") if c in rows[0]]
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "results.md").write_text(markdown_table(rows, columns))
+    best = min(rows, key=lambda r: r["valid_ppl"])
+    print(markdown_table(rows, columns))
+    print(f"best: run {best['run']} (valid ppl {best['valid_ppl']:.2f}); table in {out / 'results.md'}")
     return 0
 
 
@@ -148,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark suite",
                            description="Verify correctness, then time models against baselines in the "
                            "same process; writes <suite>.json, <suite>.md and <suite>.png.")
-    bench.add_argument("suite", help="suite name ('estimators', 'memory', 'ssmn', 'lm') or 'all'")
+    bench.add_argument("suite", help="suite name ('estimators', 'memory', 'ssmn', 'lm', 'cmr') or 'all'")
     bench.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     bench.add_argument("--preset", choices=["default", "toy", "gpu"], default="default",
                        help="'default' sizes for this CPU, 'toy' (seconds, used by the tests), or 'gpu' (lm suite only: the full recipe)")
@@ -166,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the output folder")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
+
+    tune = sub.add_parser("tune", help="grid search over config values, one row per run",
+                          description="Train once per combination of a YAML grid ({section.key: [values]}), "
+                          "evaluate each on valid, and write results.md / results.json.")
+    tune.add_argument("grid", help="YAML file mapping section.key to a list of values")
+    tune.add_argument("--config", default=None, help="base config (default: the embedded configs/s3cmn.yaml)")
+    tune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override applied to every run (repeatable)")
+    tune.add_argument("--out", default="runs/tune", help="output folder (default: runs/tune)")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(func=_cmd_tune)
 
     ev = sub.add_parser("eval", help="perplexity and statistics of a checkpoint",
                         description="Evaluate a training checkpoint on a WikiText-2 split: perplexity = exp(total "

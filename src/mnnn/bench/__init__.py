@@ -10,6 +10,7 @@ SUITES: dict[str, str] = {
     "memory": "mnnn.bench.memory",
     "ssmn": "mnnn.bench.ssmn",
     "lm": "mnnn.bench.lm",
+    "cmr": "mnnn.bench.cmr",
 }
 
 

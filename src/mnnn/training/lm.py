@@ -92,7 +92,20 @@ def train_lm(
     if max_steps is None and time_budget_s is None:
         raise ValueError("give max_steps or time_budget_s")
     torch.manual_seed(seed)
-    data = batchify(train_ids, batch_size).to(next(model.parameters()).device)
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    # DDP: batch_size streams per rank; rank r reads streams [r B, (r+1) B) of a world x B split,
+    # so a run on W ranks sees exactly the batches of one process with W x batch_size streams
+    data = batchify(train_ids, batch_size * world)[rank * batch_size : (rank + 1) * batch_size]
+    data = data.to(next(model.parameters()).device)
+    net = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # buffers (episodic stores) stay per rank: each rank remembers its own streams
+        net = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
     steps_per_pass = (data.shape[1] - 1) // seq_len
     if steps_per_pass < 1:
         raise ValueError(f"seq_len={seq_len} is longer than each stream ({data.shape[1]} tokens)")
@@ -101,7 +114,7 @@ def train_lm(
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     state = _fresh_streams(model, batch_size)
     step = 0
-    out = Path(out_dir) if out_dir is not None else None
+    out = Path(out_dir) if out_dir is not None and rank == 0 else None  # rank 0 writes for everyone
     ckpt = out / "checkpoint.safetensors" if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -138,15 +151,19 @@ def train_lm(
             for group in opt.param_groups:
                 group["lr"] = learning_rate * cosine_lr(step, schedule_len, warmup)
             model.train()
-            logits, state = model(x, state)
+            logits, state = net(x, state)
             state = state.detach()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP the gradients are averaged over ranks here
+            if distributed:  # log the loss of the whole global batch
+                loss = loss.detach().clone()
+                dist.all_reduce(loss)
+                loss /= world
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             opt.step()
             step += 1
-            tokens += y.numel()
+            tokens += y.numel() * world
             elapsed = time.perf_counter() - start_time
             if time_budget_s is not None and max_steps is None and step - first_step == 5:
                 schedule_len = max(step + 1, int(time_budget_s / (elapsed / 5)))
