@@ -15,9 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnnn.estimators._sklearn import BaseEstimator, NotFittedError, RegressorMixin, check_is_fitted
+from mnnn.estimators._sklearn import BaseEstimator, RegressorMixin, check_is_fitted
 from mnnn.serialization import load_pickled, load_tensors, save_pickled, save_tensors
-from mnnn.state import TensorState
 from mnnn.training.loop import chunks, train_epochs, window_starts
 
 _METRICS = ("r2", "mse", "mae")

@@ -6,7 +6,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mnnn.ops.longconv import long_conv_fft

@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mnnn.state import TensorState

@@ -45,6 +45,7 @@ class S3CMNConfig:
     memory_interval: int = 64
     memory_compressed_dim: int = 64
     memory_quantize: bool = True
+    memory_similarity_threshold: float = 0.9  # a read is a hit when its best entry's cosine reaches this
     beta: float = 0.95
     threshold: float = 1.0
     spike_grad: str = "fast_sigmoid"
@@ -92,7 +93,7 @@ class S3CMNBlock(nn.Module):
         if cfg.use_memory:
             self.memory = Memory(cfg.memory_size, H, compressed_dim=min(cfg.memory_compressed_dim, H),
                                  max_size=cfg.memory_size, quantize=cfg.memory_quantize, value_dim=1,
-                                 similarity_threshold=0.5)
+                                 similarity_threshold=cfg.memory_similarity_threshold)
             self.mem_in = nn.Linear(E, H, bias=False)
             nn.init.zeros_(self.mem_in.weight)  # an untrained read changes nothing
         self.top_k = cfg.memory_top_k
