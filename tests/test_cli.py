@@ -87,3 +87,14 @@ def test_bench_cmr_toy(tmp_path):
     rows = json.loads((tmp_path / "cmr.json").read_text())["results"]
     assert rows[0]["model"] == "base" and len(rows) == 5
     assert all(r.get("max_abs_diff_closed_gate", 0) < 1e-5 for r in rows)
+
+
+def test_bench_cmr_wikitext_toy(tmp_path):
+    import os
+
+    pytest.importorskip("transformers")
+    if not os.environ.get("MNNN_DATA_DIR"):
+        pytest.skip("MNNN_DATA_DIR not set")
+    assert main(["bench", "cmr-wikitext", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "cmr_wikitext.json").read_text())["results"]
+    assert abs(rows[0]["valid_ppl"] - rows[1]["valid_ppl"]) < 1e-3 * rows[0]["valid_ppl"]  # untrained == base

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark suite",
                            description="Verify correctness, then time models against baselines in the "
                            "same process; writes <suite>.json, <suite>.md and <suite>.png.")
-    bench.add_argument("suite", help="suite name ('estimators', 'memory', 'ssmn', 'lm', 'cmr') or 'all'")
+    bench.add_argument("suite", help="suite name ('estimators', 'memory', 'ssmn', 'lm', 'cmr', 'cmr-wikitext') or 'all'")
     bench.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
     bench.add_argument("--preset", choices=["default", "toy", "gpu"], default="default",
                        help="'default' sizes for this CPU, 'toy' (seconds, used by the tests), or 'gpu' (lm suite only: the full recipe)")

@@ -11,6 +11,7 @@ SUITES: dict[str, str] = {
     "ssmn": "mnnn.bench.ssmn",
     "lm": "mnnn.bench.lm",
     "cmr": "mnnn.bench.cmr",
+    "cmr-wikitext": "mnnn.bench.cmr_wikitext",
 }
 
 
