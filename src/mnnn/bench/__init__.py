@@ -12,6 +12,13 @@ SUITES: dict[str, str] = {
     "lm": "mnnn.bench.lm",
     "cmr": "mnnn.bench.cmr",
     "cmr-wikitext": "mnnn.bench.cmr_wikitext",
+    "cmr-recall": "mnnn.bench.cmr_recall",
+    "mqar": "mnnn.bench.mqar",
+    "copy": "mnnn.bench.copy_suite",
+    "selective-copy": "mnnn.bench.selective_copy",
+    "series": "mnnn.bench.series",
+    "streaming": "mnnn.bench.streaming",
+    "kernels": "mnnn.bench.kernels",
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mnnn.state import TensorState
@@ -43,6 +44,43 @@ class TransformerLM(nn.Module):
         mask = torch.triu(torch.full((T, T), float("-inf"), device=tokens.device), diagonal=1)
         x = self.layers(x, mask=mask, is_causal=True)
         return self.ln(x) @ self.embed.weight.T, NoState()
+
+    # ---- KV-cache decoding (the streaming baseline) ---------------------------------------------------
+    def init_cache(self, batch_size: int) -> KVCache:
+        d = self.embed.weight.shape[1]
+        heads = self.layers.layers[0].self_attn.num_heads
+        z = self.embed.weight.new_zeros(len(self.layers.layers), batch_size, heads, 0, d // heads)
+        return KVCache(k=z, v=z.clone())
+
+    def step(self, token_t: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One token ``[B]`` with a KV cache of the earlier ones: logits ``[B, vocab]`` equal to the
+        last position of ``forward`` over the whole prefix. The cache grows by one per call."""
+        t = cache.k.shape[3]
+        if t >= self.max_len:
+            raise ValueError(f"context of {t + 1} tokens is longer than max_len={self.max_len}")
+        x = self.embed(token_t) + self.pos.weight[t]
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers.layers):
+            attn = layer.self_attn
+            H = attn.num_heads
+            B, d = x.shape
+            q, k, v = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).view(B, 3, H, d // H).unbind(1)
+            k_all = torch.cat([cache.k[i], k[:, :, None]], dim=2)
+            v_all = torch.cat([cache.v[i], v[:, :, None]], dim=2)
+            o = F.scaled_dot_product_attention(q[:, :, None], k_all, v_all)[:, :, 0].reshape(B, d)
+            x = x + attn.out_proj(o)
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+            ks.append(k_all)
+            vs.append(v_all)
+        return self.ln(x) @ self.embed.weight.T, KVCache(k=torch.stack(ks), v=torch.stack(vs))
+
+
+@dataclasses.dataclass
+class KVCache(TensorState):
+    """Keys and values of every earlier token: ``[layers, B, heads, t, head_dim]``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 @dataclasses.dataclass

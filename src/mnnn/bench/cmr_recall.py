@@ -1,0 +1,241 @@
+"""``mnnn bench cmr-recall``: planted long-range recall beyond the base model's context window.
+
+Task (generated locally). Tokens: keys ``[1, 1+K)``, values ``[1+K, 1+2K)``, filler above. An
+episode is read by one stream in segments of ``S`` tokens, the base model's whole context:
+
+* segment 0 states ``n_facts`` facts ``k v`` (then filler up to ``S``);
+* ``gap`` segments of random filler;
+* the query segment asks ``n_query`` of the facts again as ``k v`` pairs: the model must predict
+  each ``v`` from its ``k``. Accuracy is counted at those value positions only (chance 1/K).
+
+The base model (Hugging Face ``GPT2LMHeadModel``, ``n_positions = S``, random init) is first
+trained on single segments that hold the facts *and* the queries, so it learns in-context recall
+inside its window ("base, facts in window" is that sanity check). Then, with the base frozen, a
+CMR is trained per retrieval strategy on episodes (memory reset per episode, carried across its
+segments; loss at the query values) and every configuration answers the same held-out episodes.
+The buffer stores every state (``relevance_threshold 0``) and semantic retrieval has no similarity
+floor, so the strategies differ only in which ``budget`` entries they pick; "all memories" reads
+the whole buffer (budget >= entries) as the upper reference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mnnn.bench.common import markdown_table, provenance, write_json
+from mnnn.memory.retrieval import STRATEGIES
+from mnnn.models.cmr import CMRModel
+
+PRESETS = {
+    "default": {"keys": 32, "filler": 32, "segment": 32, "n_facts": 8, "n_query": 8, "gap": 2, "n_embd": 64,
+                "n_layer": 2, "n_head": 4, "base_steps": 1500, "cmr_steps": 300, "batch": 32, "budget": 32,
+                "eval_episodes": 512},
+    "toy": {"keys": 8, "filler": 8, "segment": 16, "n_facts": 4, "n_query": 4, "gap": 1, "n_embd": 16,
+            "n_layer": 2, "n_head": 2, "base_steps": 3, "cmr_steps": 2, "batch": 4, "budget": 8, "eval_episodes": 8},
+}
+
+
+def _vocab(c) -> int:
+    return 1 + 2 * c["keys"] + c["filler"]
+
+
+def _filler(c, shape, g) -> torch.Tensor:
+    return 1 + 2 * c["keys"] + torch.randint(0, c["filler"], shape, generator=g)
+
+
+def _facts(c, batch, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_facts`` distinct keys per row and their random values."""
+    keys = torch.stack([torch.randperm(c["keys"], generator=g)[: c["n_facts"]] for _ in range(batch)]) + 1
+    values = torch.randint(0, c["keys"], keys.shape, generator=g) + 1 + c["keys"]
+    return keys, values
+
+
+def _pairs(keys, values) -> torch.Tensor:
+    return torch.stack([keys, values], dim=-1).flatten(1)
+
+
+def _queries(c, keys, values, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query pairs over a random subset of the facts; the second output marks value positions."""
+    order = torch.stack([torch.randperm(keys.shape[1], generator=g)[: c["n_query"]] for _ in range(keys.shape[0])])
+    q = _pairs(keys.gather(1, order), values.gather(1, order))
+    is_value = torch.zeros_like(q, dtype=torch.bool)
+    is_value[:, 1::2] = True
+    return q, is_value
+
+
+def in_window_batch(c, batch, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment with facts then queries (training data for the base model)."""
+    keys, values = _facts(c, batch, g)
+    q, is_value = _queries(c, keys, values, g)
+    seg = torch.cat([_pairs(keys, values), q], 1)
+    mask = torch.cat([torch.zeros(batch, 2 * c["n_facts"], dtype=torch.bool), is_value], 1)
+    pad = c["segment"] - seg.shape[1]
+    if pad < 0:
+        raise ValueError(f"segment {c['segment']} too short for {c['n_facts']} facts and {c['n_query']} queries")
+    return torch.cat([seg, _filler(c, (batch, pad), g)], 1), torch.cat([mask, torch.zeros(batch, pad, dtype=torch.bool)], 1)
+
+
+def episode_batch(c, batch, g) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Segments of one episode per row: facts, ``gap`` filler segments, queries (+ value mask)."""
+    S = c["segment"]
+    keys, values = _facts(c, batch, g)
+    facts = _pairs(keys, values)
+    segs = [torch.cat([facts, _filler(c, (batch, S - facts.shape[1]), g)], 1)]
+    segs += [_filler(c, (batch, S), g) for _ in range(c["gap"])]
+    q, is_value = _queries(c, keys, values, g)
+    segs.append(torch.cat([q, _filler(c, (batch, S - q.shape[1]), g)], 1))
+    mask = torch.cat([is_value, torch.zeros(batch, S - q.shape[1], dtype=torch.bool)], 1)
+    return segs, mask
+
+
+def _masked_loss_acc(logits, tokens, mask) -> tuple[torch.Tensor, float]:
+    """Next-token loss and accuracy at the positions ``mask`` marks (predicted from the one before)."""
+    pred, target, m = logits[:, :-1], tokens[:, 1:], mask[:, 1:]
+    loss = F.cross_entropy(pred[m], target[m])
+    return loss, (pred[m].argmax(-1) == target[m]).float().mean().item()
+
+
+def _run_episode(model: CMRModel, segs, use_memory: bool):
+    model.reset_memory()
+    for seg in segs[:-1]:
+        with torch.no_grad():
+            model(seg, use_memory=use_memory)
+    return model(segs[-1], use_memory=use_memory).logits
+
+
+@torch.no_grad()
+def evaluate(model: CMRModel, episodes, use_memory: bool = True) -> float:
+    model.eval()
+    hits, n = 0.0, 0
+    for segs, mask in episodes:
+        logits = _run_episode(model, segs, use_memory)
+        _, acc = _masked_loss_acc(logits, segs[-1], mask)
+        k = int(mask[:, 1:].sum())
+        hits, n = hits + acc * k, n + k
+    return hits / max(n, 1)
+
+
+def train_base(gpt2, c, progress: bool) -> list[float]:
+    g = torch.Generator().manual_seed(1)
+    opt = torch.optim.AdamW(gpt2.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(c["base_steps"], 1), pct_start=0.1)
+    gpt2.train()
+    accs = []
+    for _ in tqdm(range(c["base_steps"]), desc="base (in-window recall)", disable=not progress):
+        x, m = in_window_batch(c, c["batch"] * 2, g)
+        loss, acc = _masked_loss_acc(gpt2(input_ids=x).logits, x, m)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gpt2.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        accs.append(acc)
+    gpt2.eval()
+    return accs
+
+
+def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str) -> list[float]:
+    g = torch.Generator().manual_seed(2)
+    opt = torch.optim.AdamW(model.cmr_parameters(), lr=3e-3)
+    losses = []
+    for _ in tqdm(range(c["cmr_steps"]), desc=desc, disable=not progress):
+        model.train()
+        segs, mask = episode_batch(c, c["batch"], g)
+        loss, _ = _masked_loss_acc(_run_episode(model, segs, True), segs[-1], mask)
+        if loss.requires_grad:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _cmr(gpt2, c, strategy: str, budget: int) -> CMRModel:
+    torch.manual_seed(3)
+    return CMRModel(gpt2, {"retrieval_strategy": strategy, "retrieval_budget": budget, "similarity_threshold": -1.0,
+                           "relevance_threshold": 0.0, "max_clusters": 8, "context_heads": 4,
+                           "max_entries_per_layer": 100_000, "max_total_entries": 1_000_000,
+                           "target_layers": list(range(c["n_layer"]))})
+
+
+def _detach(model: CMRModel) -> None:
+    for h in model._handles:
+        h.remove()
+
+
+def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = PRESETS[preset]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=_vocab(c), n_positions=c["segment"], n_embd=c["n_embd"],
+                                      n_layer=c["n_layer"], n_head=c["n_head"], bos_token_id=0, eos_token_id=0))
+    start = time.perf_counter()
+    base_accs = train_base(gpt2, c, progress)
+    base_s = time.perf_counter() - start
+    for p in gpt2.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(123)
+    eval_batch = min(c["eval_episodes"], 64)
+    episodes = [episode_batch(c, eval_batch, g) for _ in range(math.ceil(c["eval_episodes"] / eval_batch))]
+    with torch.no_grad():
+        window = [in_window_batch(c, eval_batch, g) for _ in range(len(episodes))]
+        in_window = sum(_masked_loss_acc(gpt2(input_ids=x).logits, x, m)[1] for x, m in window) / len(window)
+    entries = (c["gap"] + 1) * c["segment"]
+    rows = [{"model": "base, facts in window (sanity)", "accuracy": in_window},
+            {"model": "base, facts beyond window", "accuracy": None}]
+    untrained = _cmr(gpt2, c, "semantic", entries)
+    rows[1]["accuracy"] = evaluate(untrained, episodes, use_memory=False)
+    rows.append({"model": "CMR untrained (gates closed)", "accuracy": evaluate(untrained, episodes)})
+    _detach(untrained)
+    curves = {}
+    configs = [("all memories", "semantic", entries)] + [(s, s, c["budget"]) for s in STRATEGIES]
+    for label, strategy, budget in configs:
+        model = _cmr(gpt2, c, strategy, budget)
+        start = time.perf_counter()
+        curves[label] = train_cmr_episodes(model, c, progress, f"CMR {label}")
+        rows.append({"model": f"CMR trained: {label}", "strategy": strategy, "budget": budget,
+                     "accuracy": evaluate(model, episodes), "accuracy_memory_off": evaluate(model, episodes, False),
+                     "train_s": time.perf_counter() - start,
+                     "gates": {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()}})
+        _detach(model)
+    payload = {"suite": "cmr-recall", "preset": preset, "chance": 1.0 / c["keys"], "buffer_entries_per_layer": entries,
+               "results": rows, "base_train_s": base_s, "base_final_train_acc": sum(base_accs[-20:]) / max(len(base_accs[-20:]), 1),
+               "cmr_losses": curves, **provenance(c)}
+    write_json(out_dir / "cmr_recall.json", payload)
+    (out_dir / "cmr_recall.md").write_text(markdown_table(rows, ["model", "budget", "accuracy", "accuracy_memory_off"]))
+    _plot(rows, curves, c, out_dir / "cmr_recall.png")
+    return payload
+
+
+def _plot(rows, curves, c, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a.barh([r["model"] for r in rows], [r["accuracy"] for r in rows])
+    a.axvline(1.0 / c["keys"], color="k", ls="--", label="chance")
+    a.set_xlabel("query accuracy")
+    a.set_ylabel("configuration")
+    a.legend()
+    a.set_title(f"recall {c['gap']} segments after the facts (window {c['segment']})")
+    for label, losses in curves.items():
+        b.plot(losses, label=label)
+    b.set_xlabel("CMR training step")
+    b.set_ylabel("loss at query values")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,163 @@
+"""``mnnn bench streaming``: per-token latency and state memory of every language model's step
+path against context length, with the Transformer decoding from a KV cache as the baseline.
+
+Verification first: for every model, stepping token by token over a short prompt gives the
+logits of the parallel forward (max abs error reported). Then, for each context length L:
+
+* recurrent models (S3CMN, Text-Native SSMN, LSTM) read L tokens through their parallel forward
+  in chunks of ``chunk`` with the state carried (chunks == whole is tested), then ``steps``
+  single tokens are timed one by one (median);
+* the Transformer gets a KV cache of L random keys/values per layer (its decode cost depends on
+  the cache length, not on its content; a real prefill of 64k tokens would need a 64k x 64k
+  attention) and ``steps`` decode steps are timed the same way.
+
+Memory: the bytes of the state carried between tokens (KV cache / recurrent state) after the
+context, and on CUDA the peak allocated memory during the timed steps. Every model has width
+``d`` and ``layers`` layers and the BERT vocabulary (30522).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mnnn.bench.common import markdown_table, provenance, write_json
+from mnnn.models.lm_baselines import KVCache, LSTMLM, TransformerLM
+from mnnn.models.s3cmn import S3CMN
+from mnnn.models.ssmn import TextNativeSSMN
+
+PRESETS = {
+    "default": {"contexts": [1024, 4096, 16384, 65536], "d": 128, "layers": 2, "vocab": 30522, "steps": 32,
+                "chunk": 1024, "window": 256},
+    "gpu": {"contexts": [1024, 4096, 16384, 65536], "d": 512, "layers": 4, "vocab": 30522, "steps": 64,
+            "chunk": 4096, "window": 512},
+    "toy": {"contexts": [16, 32], "d": 16, "layers": 1, "vocab": 50, "steps": 2, "chunk": 8, "window": 4},
+}
+
+
+def build(c: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    d, n, V = c["d"], c["layers"], c["vocab"]
+    return {
+        "transformer_kv": TransformerLM(V, d_model=d, num_layers=n, num_heads=max(1, d // 32),
+                                        max_len=max(c["contexts"]) + c["steps"] + 3),
+        "lstm": LSTMLM(V, embed_dim=d, hidden_dim=d, num_layers=n),
+        "s3cmn": S3CMN(vocab_size=V, embedding_dim=d, hidden_dim=d, num_layers=n, memory_size=1024,
+                       d_state=16, max_len=c["chunk"]),
+        "text_native_ssmn": TextNativeSSMN(V, embed_dim=d, hidden_dim=d, window_size=c["window"], num_layers=n,
+                                           num_heads=max(1, d // 32)),
+    }
+
+
+def _step(model, token, state):
+    if isinstance(model, LSTMLM):
+        logits, state = model(token[:, None], state)
+        return logits[:, 0], state
+    return model.step(token, state)
+
+
+def _init(model, batch):
+    return model.init_cache(batch) if isinstance(model, TransformerLM) else model.init_state(batch)
+
+
+def _bytes(state) -> int:
+    return sum(t.numel() * t.element_size() for t in state.tensors().values())
+
+
+@torch.no_grad()
+def verify(models, vocab: int, T: int = 24) -> dict[str, float]:
+    x = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
+    errs = {}
+    for name, model in models.items():
+        full, _ = model(x)
+        state, outs = _init(model, 2), []
+        for t in range(T):
+            out, state = _step(model, x[:, t], state)
+            outs.append(out)
+        errs[name] = float((torch.stack(outs, 1) - full).abs().max())
+        if errs[name] > 1e-3:
+            raise AssertionError(f"{name}: step path differs from forward by {errs[name]:.2e}")
+    return errs
+
+
+@torch.no_grad()
+def _context_state(name, model, L, c, device):
+    g = torch.Generator().manual_seed(L)
+    if name == "transformer_kv":
+        cache = model.init_cache(1)
+        shape = (*cache.k.shape[:3], L, cache.k.shape[-1])
+        return KVCache(k=torch.randn(shape, generator=g).to(device), v=torch.randn(shape, generator=g).to(device))
+    state = model.init_state(1)
+    for i in range(0, L, c["chunk"]):
+        tokens = torch.randint(0, c["vocab"], (1, min(c["chunk"], L - i)), generator=g).to(device)
+        _, state = model(tokens, state)
+    return state
+
+
+def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    c = PRESETS[preset]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if preset == "gpu" and torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    models = {k: m.eval() for k, m in build(c).items()}
+    errors = verify(models, c["vocab"])
+    models = {k: m.to(device) for k, m in models.items()}
+    rows = []
+    with tqdm(total=len(models) * len(c["contexts"]), desc="streaming", disable=not progress) as bar:
+        for L in c["contexts"]:
+            for name, model in models.items():
+                state = _context_state(name, model, L, c, device)
+                state_bytes = _bytes(state)
+                token = torch.zeros(1, dtype=torch.long, device=device)
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                times = []
+                with torch.no_grad():
+                    for i in range(c["steps"] + 2):
+                        start = time.perf_counter()
+                        _, state = _step(model, token, state)
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        if i >= 2:
+                            times.append(time.perf_counter() - start)
+                row = {"model": name, "context": L, "ms_per_token": 1000 * statistics.median(times),
+                       "state_MB": state_bytes / 2**20}
+                if device == "cuda":
+                    row["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
+                rows.append(row)
+                bar.update(1)
+    payload = {"suite": "streaming", "preset": preset, "device": device, "verify_max_abs_err": errors,
+               "results": rows, **provenance(c)}
+    write_json(out_dir / "streaming.json", payload)
+    (out_dir / "streaming.md").write_text(markdown_table(rows, ["model", "context", "ms_per_token", "state_MB"]))
+    _plot(rows, out_dir / "streaming.png")
+    return payload
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["model"] for r in rows):
+        sel = [r for r in rows if r["model"] == name]
+        axes[0].plot([r["context"] for r in sel], [r["ms_per_token"] for r in sel], "o-", label=name)
+        axes[1].plot([r["context"] for r in sel], [r["state_MB"] for r in sel], "o-", label=name)
+    axes[0].set_ylabel("ms per token (median, batch 1)")
+    axes[1].set_ylabel("state carried between tokens (MB)")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.legend()
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
