@@ -9,8 +9,8 @@ episode is read by one stream in segments of ``S`` tokens, the base model's whol
   each ``v`` from its ``k``. Accuracy is counted at those value positions only (chance 1/K).
 
 The base model (Hugging Face ``GPT2LMHeadModel``, ``n_positions = S``, random init) is first
-trained on single segments that hold the facts *and* the queries, so it learns in-context recall
-inside its window ("base, facts in window" is that sanity check). Then, with the base frozen, a
+trained on single segments that hold the facts *and* the queries ("base, facts in window" is
+its accuracy there: on this CPU budget it learns only part of in-context recall, ~0.4). Then, with the base frozen, a
 CMR is trained per retrieval strategy on episodes (memory reset per episode, carried across its
 segments; loss at the query values) and every configuration answers the same held-out episodes.
 The buffer stores every state (``relevance_threshold 0``) and semantic retrieval has no similarity
@@ -35,7 +35,7 @@ from mnnn.models.cmr import CMRModel
 
 PRESETS = {
     "default": {"keys": 32, "filler": 32, "segment": 32, "n_facts": 8, "n_query": 8, "gap": 2, "n_embd": 64,
-                "n_layer": 2, "n_head": 4, "base_steps": 1500, "cmr_steps": 300, "batch": 32, "budget": 32,
+                "n_layer": 2, "n_head": 4, "base_steps": 4000, "cmr_steps": 1000, "batch": 32, "budget": 32,
                 "eval_episodes": 512},
     "toy": {"keys": 8, "filler": 8, "segment": 16, "n_facts": 4, "n_query": 4, "gap": 1, "n_embd": 16,
             "n_layer": 2, "n_head": 2, "base_steps": 3, "cmr_steps": 2, "batch": 4, "budget": 8, "eval_episodes": 8},
@@ -179,7 +179,8 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=_vocab(c), n_positions=c["segment"], n_embd=c["n_embd"],
-                                      n_layer=c["n_layer"], n_head=c["n_head"], bos_token_id=0, eos_token_id=0))
+                                      n_layer=c["n_layer"], n_head=c["n_head"], bos_token_id=0, eos_token_id=0,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     start = time.perf_counter()
     base_accs = train_base(gpt2, c, progress)
     base_s = time.perf_counter() - start
@@ -192,7 +193,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         window = [in_window_batch(c, eval_batch, g) for _ in range(len(episodes))]
         in_window = sum(_masked_loss_acc(gpt2(input_ids=x).logits, x, m)[1] for x, m in window) / len(window)
     entries = (c["gap"] + 1) * c["segment"]
-    rows = [{"model": "base, facts in window (sanity)", "accuracy": in_window},
+    rows = [{"model": "base, facts in window", "accuracy": in_window},
             {"model": "base, facts beyond window", "accuracy": None}]
     untrained = _cmr(gpt2, c, "semantic", entries)
     rows[1]["accuracy"] = evaluate(untrained, episodes, use_memory=False)

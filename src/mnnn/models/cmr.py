@@ -138,7 +138,7 @@ class CMRModel(nn.Module):
         self.retriever = Retriever(cfg.retrieval_strategy, cfg.similarity_threshold, cfg.retrieval_budget,
                                    cfg.cache_size, cfg.max_clusters, cfg.criteria_weights, self.scorer)
         self._handles = [self.blocks[layer].register_forward_hook(self._hook(layer)) for layer in self.target_layers]
-        self._retrieved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._retrieved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._captured: dict[int, torch.Tensor] = {}
         self._capture = False
         self.reset_memory()
@@ -163,8 +163,8 @@ class CMRModel(nn.Module):
             if self._capture:
                 self._captured[layer] = hidden.detach()
             if layer in self._retrieved:
-                memory, mask = self._retrieved[layer]
-                hidden = self.reweavers[str(layer)](hidden, memory, mask)
+                memory, mask, weights = self._retrieved[layer]
+                hidden = self.reweavers[str(layer)](hidden, memory, mask, weights)
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             return output
 
@@ -189,11 +189,13 @@ class CMRModel(nn.Module):
                 memory[b, : p.numel()] = states[p]
                 mask[b, : p.numel()] = True
                 self.buffer.touch(layer, p, self.segment)
-            if self.scorer is not None and self.training:  # let the contextual scorer learn
+            if self.scorer is not None:  # the scorer weights the values too, so it learns from the loss
                 weights = torch.stack([torch.softmax(self.scorer(self._summary[layer][b], memory[b]).masked_fill(
                     ~mask[b], float("-inf")), 0) for b in range(batch)])
-                memory = memory * (weights * mask.sum(1, keepdim=True))[..., None]
-            self._retrieved[layer] = (memory.to(device), mask.to(device))
+                self._retrieved[layer] = (memory.to(device), mask.to(device),
+                                          (weights * mask.sum(1, keepdim=True)).to(device))
+            else:
+                self._retrieved[layer] = (memory.to(device), mask.to(device), None)
             self.stats["retrieved"] += int(mask.sum())
         self.stats["reads"] += 1
         self.stats["reads_with_memory"] += int(bool(self._retrieved))

@@ -1,0 +1,60 @@
+"""Put the tables of a benchmark run into the README, untouched by hand.
+
+``python -m mnnn.bench.readme [--results runs/bench] [--readme README.md]`` replaces the text
+between ``<!-- bench:SUITE -->`` and ``<!-- /bench:SUITE -->`` with ``SUITE.md`` from the results
+folder and a line naming the date, git revision, machine and the command that reproduces it.
+Markers whose results are missing are left as they are (and listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+
+def render(suite: str, results: Path) -> str | None:
+    stem = suite.replace("-", "_")
+    table, meta = results / f"{stem}.md", results / f"{stem}.json"
+    if not table.exists() or not meta.exists():
+        return None
+    info = json.loads(meta.read_text())
+    rev = (info.get("git_revision") or "unknown")[:7]
+    machine = info.get("machine", {})
+    where = f"{machine.get('processor', '?')}, {machine.get('threads', '?')} threads, torch {machine.get('torch', '?')}"
+    return (f"\n{table.read_text().rstrip()}\n\n_{info.get('date', '?')[:10]}, git {rev}, {where}; reproduce: "
+            f"`.venv/bin/mnnn bench {suite} --preset {info.get('preset', 'default')}`_\n")
+
+
+def update(readme: Path, results: Path) -> list[str]:
+    text = readme.read_text()
+    missing = []
+
+    def sub(match: re.Match) -> str:
+        suite = match.group(1)
+        body = render(suite, results)
+        if body is None:
+            missing.append(suite)
+            return match.group(0)
+        return f"<!-- bench:{suite} -->{body}<!-- /bench:{suite} -->"
+
+    new = re.sub(r"<!-- bench:([\w-]+) -->.*?<!-- /bench:\1 -->", sub, text, flags=re.S)
+    if new != text:
+        readme.write_text(new)
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default="runs/bench", help="folder with <suite>.md/.json (default: runs/bench)")
+    parser.add_argument("--readme", default="README.md", help="file with the markers (default: README.md)")
+    args = parser.parse_args(argv)
+    missing = update(Path(args.readme), Path(args.results))
+    if missing:
+        print(f"no results for: {', '.join(missing)} (left as they were)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
