@@ -39,3 +39,16 @@ def test_lstm_chunks_equal_whole():
         a, s = model(x[:, :4])
         b, _ = model(x[:, 4:], s)
     torch.testing.assert_close(torch.cat([a, b], 1), whole)
+
+
+def test_lstm_step_equals_forward():
+    torch.manual_seed(0)
+    model = LSTMLM(30, embed_dim=8, hidden_dim=12).eval()
+    x = torch.randint(0, 30, (2, 6))
+    with torch.no_grad():
+        whole, _ = model(x)
+        state, outs = model.init_state(2), []
+        for t in range(x.shape[1]):
+            out, state = model.step(x[:, t], state)
+            outs.append(out)
+    torch.testing.assert_close(torch.stack(outs, 1), whole)

@@ -52,13 +52,6 @@ def build(c: dict[str, Any]) -> dict[str, torch.nn.Module]:
     }
 
 
-def _step(model, token, state):
-    if isinstance(model, LSTMLM):
-        logits, state = model(token[:, None], state)
-        return logits[:, 0], state
-    return model.step(token, state)
-
-
 def _init(model, batch):
     return model.init_cache(batch) if isinstance(model, TransformerLM) else model.init_state(batch)
 
@@ -75,7 +68,7 @@ def verify(models, vocab: int, T: int = 24) -> dict[str, float]:
         full, _ = model(x)
         state, outs = _init(model, 2), []
         for t in range(T):
-            out, state = _step(model, x[:, t], state)
+            out, state = model.step(x[:, t], state)
             outs.append(out)
         errs[name] = float((torch.stack(outs, 1) - full).abs().max())
         if errs[name] > 1e-3:
@@ -121,7 +114,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                 with torch.no_grad():
                     for i in range(c["steps"] + 2):
                         start = time.perf_counter()
-                        _, state = _step(model, token, state)
+                        _, state = model.step(token, state)
                         if device == "cuda":
                             torch.cuda.synchronize()
                         if i >= 2:

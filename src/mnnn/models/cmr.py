@@ -189,13 +189,12 @@ class CMRModel(nn.Module):
                 memory[b, : p.numel()] = states[p]
                 mask[b, : p.numel()] = True
                 self.buffer.touch(layer, p, self.segment)
+            weights = None
             if self.scorer is not None:  # the scorer weights the values too, so it learns from the loss
                 weights = torch.stack([torch.softmax(self.scorer(self._summary[layer][b], memory[b]).masked_fill(
                     ~mask[b], float("-inf")), 0) for b in range(batch)])
-                self._retrieved[layer] = (memory.to(device), mask.to(device),
-                                          (weights * mask.sum(1, keepdim=True)).to(device))
-            else:
-                self._retrieved[layer] = (memory.to(device), mask.to(device), None)
+                weights = (weights * mask.sum(1, keepdim=True)).to(device)
+            self._retrieved[layer] = (memory.to(device), mask.to(device), weights)
             self.stats["retrieved"] += int(mask.sum())
         self.stats["reads"] += 1
         self.stats["reads_with_memory"] += int(bool(self._retrieved))

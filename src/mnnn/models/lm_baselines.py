@@ -108,3 +108,8 @@ class LSTMLM(nn.Module):
         state = self.init_state(tokens.shape[0]) if state is None else state
         y, (h, c) = self.lstm(self.embed(tokens), (state.h, state.c))
         return self.down(y) @ self.embed.weight.T, LSTMState(h=h, c=c)
+
+    def step(self, token_t: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
+        """One token ``[B]`` -> (logits ``[B, vocab]``, state), the same as ``forward`` on it."""
+        logits, state = self(token_t[:, None], state)
+        return logits[:, 0], state
