@@ -3,6 +3,7 @@ their recurrent state sizes, and one trainer scored only at labelled positions."
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -45,43 +46,61 @@ def state_floats(model: nn.Module, name: str, seq_len: int) -> int:
     return sum(t.numel() for t in state.tensors().values() if torch.is_floating_point(t))
 
 
+def _scored(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets at the labelled positions only (the output layer runs on those rows)."""
+    feats, _ = model.features(x)
+    m = y != IGNORE
+    return model.head(feats[m]), y[m]
+
+
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
     model.eval()
     hits = n = 0
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            logits, _ = model(x[i : i + batch])
-            m = y[i : i + batch] != IGNORE
-            hits += int((logits[m].argmax(-1) == y[i : i + batch][m]).sum())
-            n += int(m.sum())
+            logits, target = _scored(model, x[i : i + batch], y[i : i + batch])
+            hits += int((logits.argmax(-1) == target).sum())
+            n += target.numel()
     return hits / max(n, 1)
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
-          progress: Callable | None = None, seed: int = 0) -> dict:
-    """AdamW with linear warm-up (10 %) then cosine decay; loss only where ``y != -100``."""
+          progress: Callable | None = None, seed: int = 0, time_budget_s: float | None = None,
+          weight_decay: float = 0.1) -> dict:
+    """AdamW, linear warm-up over the first 10 % then cosine decay to 0, loss only where
+    ``y != -100``. Runs ``epochs`` passes, or stops at ``time_budget_s`` seconds if that comes
+    first; the schedule follows whichever is further along (step fraction or time fraction), so a
+    budgeted run still anneals. Returns steps done, seconds, per-step losses and what stopped it."""
     g = torch.Generator().manual_seed(seed)
-    steps = epochs * max(1, len(x) // batch)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    per_epoch = max(1, len(x) // batch)
+    steps = epochs * per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     start, losses, step = time.perf_counter(), [], 0
+    stopped_by = "steps"
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x) - batch + 1, batch):
-            idx = order[i : i + batch]
-            logits, _ = model(x[idx])
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[idx].reshape(-1), ignore_index=IGNORE)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            step += 1
-            if progress is not None:
-                progress(1)
-    return {"steps": step, "train_s": time.perf_counter() - start, "losses": losses}
+    while step < steps:
+        if step % per_epoch == 0:
+            order = torch.randperm(len(x), generator=g)
+        elapsed = time.perf_counter() - start
+        if time_budget_s is not None and elapsed >= time_budget_s:
+            stopped_by = "time_budget"
+            break
+        frac = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * (frac / 0.1 if frac < 0.1 else 0.5 * (1 + math.cos(math.pi * (frac - 0.1) / 0.9)))
+        idx = order[(step % per_epoch) * batch : (step % per_epoch + 1) * batch]
+        logits, target = _scored(model, x[idx], y[idx])
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if progress is not None:
+            progress(1)
+    return {"steps": step, "planned_steps": steps, "stopped_by": stopped_by,
+            "train_s": time.perf_counter() - start, "losses": losses}
 
 
 def bar(total: int, desc: str, enabled: bool):

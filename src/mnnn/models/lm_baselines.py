@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnnn.models.token_lm import TokenLM
 from mnnn.state import TensorState
 
 
@@ -17,7 +18,7 @@ class NoState(TensorState):
     """The Transformer carries nothing across segments (its context is the segment)."""
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(TokenLM):
     """Pre-LN causal Transformer (learned positions up to ``max_len``), tied head."""
 
     def __init__(self, vocab_size: int, d_model: int = 256, num_layers: int = 2, num_heads: int = 4,
@@ -36,14 +37,15 @@ class TransformerLM(nn.Module):
     def init_state(self, batch_size: int) -> NoState:
         return NoState()
 
-    def forward(self, tokens: torch.Tensor, state: NoState | None = None):
+    def features(self, tokens: torch.Tensor, state: NoState | None = None):
+        """``forward`` without the output layer: (features ``[B, T, d_model]``, state)."""
         T = tokens.shape[1]
         if T > self.max_len:
             raise ValueError(f"sequence of {T} tokens is longer than max_len={self.max_len}")
         x = self.embed(tokens) + self.pos(torch.arange(T, device=tokens.device))
         mask = torch.triu(torch.full((T, T), float("-inf"), device=tokens.device), diagonal=1)
         x = self.layers(x, mask=mask, is_causal=True)
-        return self.ln(x) @ self.embed.weight.T, NoState()
+        return self.ln(x), NoState()
 
     # ---- KV-cache decoding (the streaming baseline) ---------------------------------------------------
     def init_cache(self, batch_size: int) -> KVCache:
@@ -72,7 +74,7 @@ class TransformerLM(nn.Module):
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
             ks.append(k_all)
             vs.append(v_all)
-        return self.ln(x) @ self.embed.weight.T, KVCache(k=torch.stack(ks), v=torch.stack(vs))
+        return self.head(self.ln(x)), KVCache(k=torch.stack(ks), v=torch.stack(vs))
 
 
 @dataclasses.dataclass
@@ -89,7 +91,7 @@ class LSTMState(TensorState):
     c: torch.Tensor
 
 
-class LSTMLM(nn.Module):
+class LSTMLM(TokenLM):
     """LSTM language model with input/output projections tied to the embedding."""
 
     def __init__(self, vocab_size: int, embed_dim: int = 256, hidden_dim: int = 512, num_layers: int = 1):
@@ -104,10 +106,11 @@ class LSTMLM(nn.Module):
         z = self.down.weight.new_zeros(self.num_layers, batch_size, self.hidden_dim)
         return LSTMState(h=z, c=z.clone())
 
-    def forward(self, tokens: torch.Tensor, state: LSTMState | None = None):
+    def features(self, tokens: torch.Tensor, state: LSTMState | None = None):
+        """``forward`` without the output layer: (features ``[B, T, embed_dim]``, state)."""
         state = self.init_state(tokens.shape[0]) if state is None else state
         y, (h, c) = self.lstm(self.embed(tokens), (state.h, state.c))
-        return self.down(y) @ self.embed.weight.T, LSTMState(h=h, c=c)
+        return self.down(y), LSTMState(h=h, c=c)
 
     def step(self, token_t: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
         """One token ``[B]`` -> (logits ``[B, vocab]``, state), the same as ``forward`` on it."""

@@ -28,6 +28,7 @@ from mnnn.layers.hyena import Hyena, HyenaState
 from mnnn.layers.spiking import SpikingLayer, SpikingState
 from mnnn.layers.ssm import S4D
 from mnnn.memory.episodic import Memory
+from mnnn.models.token_lm import TokenLM
 from mnnn.state import TensorState
 
 
@@ -99,7 +100,7 @@ class S3CMNBlock(nn.Module):
         self.top_k = cfg.memory_top_k
 
 
-class S3CMN(nn.Module):
+class S3CMN(TokenLM):
     """The S3CMN language model. ``forward(tokens [B, T], state) -> (logits [B, T, V], state)``;
     see the module docstring. Signature of the seed: ``S3CMN(vocab_size=30522, embedding_dim=256,
     hidden_dim=512, num_layers=1, memory_size=1024, device=...)``; the other knobs live in
@@ -149,7 +150,9 @@ class S3CMN(nn.Module):
                 block.memory.reset_stats()
 
     # ---- forward ------------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, state: S3CMNState | None = None):
+    def features(self, tokens: torch.Tensor, state: S3CMNState | None = None):
+        """``forward`` without the output layer: (features ``[B, T, embedding_dim]``, state), so a
+        loss scored at a few positions need not build ``T x vocab`` logits."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"tokens must be a [B, T] integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
@@ -162,8 +165,8 @@ class S3CMN(nn.Module):
         while start < T:
             # pieces end where the absolute position reaches a multiple of memory_interval
             end = min(T, start + S - (int(state.pos) % S))
-            logits, state = self._piece(tokens[:, start:end], state, tokens[:, end] if end < T else None)
-            outs.append(logits)
+            feats, state = self._piece(tokens[:, start:end], state, tokens[:, end] if end < T else None)
+            outs.append(feats)
             start = end
         return torch.cat(outs, dim=1), state
 
@@ -190,14 +193,14 @@ class S3CMN(nn.Module):
             spikes, sp_state = block.spiking(q, SpikingState(u=state.membrane[i]), extra)
             membranes.append(sp_state.u)
             x = x + block.spk_out(spikes)
-        logits = self.down(self.ln_out(x)) @ self.embed.weight.T
+        feats = self.down(self.ln_out(x))
         new = S3CMNState(pos=state.pos + T, hyena=hyena_state, ssm=torch.stack(ssm_states),
                          membrane=torch.stack(membranes), pending_keys=state.pending_keys,
                          pending_values=state.pending_values, pending_count=state.pending_count,
                          last_keys=state.last_keys, has_last=state.has_last)
         if keys:
             new = self._buffer_entries(new, torch.stack(keys), tokens)
-        return logits, new
+        return feats, new
 
     def _read(self, block: S3CMNBlock, q: torch.Tensor, group, tokens, next_token) -> torch.Tensor:
         B, T, H = q.shape

@@ -19,6 +19,7 @@ from torch import nn
 
 from mnnn.layers.synaptic import SynapticMemory
 from mnnn.layers.window_attention import WindowAttention
+from mnnn.models.token_lm import TokenLM
 from mnnn.ops.window_attention import WindowCache
 from mnnn.state import TensorState
 
@@ -181,7 +182,7 @@ class SSMNNetwork(nn.Module):
         return state.synaptic.transpose(0, 1).reshape(state.synaptic.shape[1], -1)
 
 
-class TextNativeSSMNNetwork(nn.Module):
+class TextNativeSSMNNetwork(TokenLM):
     """Text-Native SSMN: token embedding -> semantic encoder (MLP, the "thought embedding") ->
     :class:`SSMNCore` with importance-gated plastic blocks and internal re-reads -> LM head tied
     to the embedding (through a projection when hidden_dim != embed_dim)."""
@@ -202,23 +203,23 @@ class TextNativeSSMNNetwork(nn.Module):
     def init_state(self, batch_size: int) -> SSMNState:
         return self.core.init_state(batch_size)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Output layer: core features ``[..., hidden_dim]`` -> logits ``[..., vocab]``."""
         return self.to_embed(self.norm(h)) @ self.embed.weight.T
 
-    def forward(self, tokens: torch.Tensor, state: SSMNState | None = None):
-        """tokens ``[B, T]`` long -> (logits ``[B, T, vocab]``, state)."""
-        h, state = self.core(self.encoder(self.embed(tokens)), state)
-        return self._logits(h), state
+    def features(self, tokens: torch.Tensor, state: SSMNState | None = None):
+        """``forward`` without the output layer: (features ``[B, T, hidden_dim]``, state)."""
+        return self.core(self.encoder(self.embed(tokens)), state)
 
     def step(self, token_t: torch.Tensor, state: SSMNState):
         h, state = self.core(self.encoder(self.embed(token_t)), state, step=True)
-        return self._logits(h), state
+        return self.head(h), state
 
     def prefill(self, tokens: torch.Tensor, state: SSMNState | None = None):
         """Read a prompt ``[B, T]`` in one parallel pass; logits of the last position only
         (``[B, vocab]``), so a long prompt never materialises ``T x vocab`` logits."""
         h, state = self.core(self.encoder(self.embed(tokens)), state)
-        return self._logits(h[:, -1]), state
+        return self.head(h[:, -1]), state
 
 
 class TextNativeSSMN(TextNativeSSMNNetwork):
