@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from mnnn.state import step_through
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| (absolute when b is zero)."""
@@ -42,15 +44,7 @@ def run_chunks(module, splits: Sequence[int]):
 
 
 def run_steps(module):
-    def run(x):
-        state = module.init_state(x.shape[0])
-        outs = []
-        for t in range(x.shape[1]):
-            y, state = module.step(x[:, t], state)
-            outs.append(y)
-        return torch.stack(outs, dim=1)
-
-    return run
+    return lambda x: step_through(module, x)[0]
 
 
 def check_streaming(module: nn.Module, x: torch.Tensor, splits: Sequence[int] = (1, 7, 20),

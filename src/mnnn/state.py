@@ -79,3 +79,15 @@ def _resolve_state_type(cls: type, name: str) -> type[TensorState]:
     if isinstance(hint, type) and issubclass(hint, TensorState):
         return hint
     raise TypeError(f"field {cls.__name__}.{name} is not a TensorState type (got {hint!r})")
+
+
+def step_through(module, x: torch.Tensor, state=None):
+    """Run ``module.step`` over the time axis (dim 1) of ``x`` from ``state`` (default
+    ``module.init_state(B)``): ``(outputs stacked on dim 1, final state)`` — the reference every
+    parallel ``forward`` is checked against (tests, and each benchmark's verify step)."""
+    state = module.init_state(x.shape[0]) if state is None else state
+    outs = []
+    for t in range(x.shape[1]):
+        out, state = module.step(x[:, t], state)
+        outs.append(out)
+    return torch.stack(outs, dim=1), state

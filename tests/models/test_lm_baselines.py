@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mnnn.models.lm_baselines import LSTMLM, TransformerLM
+from mnnn.state import step_through
 
 
 def test_transformer_kv_step_equals_forward():
@@ -10,12 +11,26 @@ def test_transformer_kv_step_equals_forward():
     x = torch.randint(0, 50, (3, 20))
     with torch.no_grad():
         full, _ = model(x)
-        cache, outs = model.init_cache(3), []
-        for t in range(x.shape[1]):
-            out, cache = model.step(x[:, t], cache)
-            outs.append(out)
-    torch.testing.assert_close(torch.stack(outs, 1), full, atol=1e-5, rtol=1e-5)
-    assert cache.k.shape == (2, 3, 2, 20, 16)
+        steps, cache = step_through(model, x, model.init_cache(3))
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    assert cache.k.shape == (2, 3, 2, 64, 16) and int(cache.length) == 20
+
+
+def test_transformer_kv_step_gradients_equal_forward():
+    torch.manual_seed(0)
+    model = TransformerLM(40, d_model=16, num_layers=2, num_heads=2, max_len=12)
+    x = torch.randint(0, 40, (2, 7))
+    model(x)[0].pow(2).mean().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    steps, cache = step_through(model, x, model.init_cache(2, capacity=7))
+    steps.pow(2).mean().backward()
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="full"):
+        model.step(x[:, 0], cache)
+    with pytest.raises(ValueError, match="capacity"):
+        model.init_cache(1, capacity=13)
 
 
 def test_transformer_causal_and_too_long():
@@ -47,8 +62,5 @@ def test_lstm_step_equals_forward():
     x = torch.randint(0, 30, (2, 6))
     with torch.no_grad():
         whole, _ = model(x)
-        state, outs = model.init_state(2), []
-        for t in range(x.shape[1]):
-            out, state = model.step(x[:, t], state)
-            outs.append(out)
-    torch.testing.assert_close(torch.stack(outs, 1), whole)
+        steps, _ = step_through(model, x)
+    torch.testing.assert_close(steps, whole)

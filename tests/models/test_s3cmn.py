@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mnnn.models.s3cmn import S3CMN, S3CMNConfig
+from mnnn.state import step_through
 from tests.harness import rel_err
 
 
@@ -24,11 +25,7 @@ def _run(m, tok, cut):
     if cut is None:
         y, _ = m(tok)
     elif cut == 1:
-        state, ys = m.init_state(tok.shape[0]), []
-        for t in range(tok.shape[1]):
-            out, state = m.step(tok[:, t], state)
-            ys.append(out)
-        y = torch.stack(ys, 1)
+        y, _ = step_through(m, tok)
     else:
         state, ys, start = None, [], 0
         for end in list(cut) + [tok.shape[1]]:

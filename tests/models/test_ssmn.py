@@ -5,6 +5,7 @@ import torch
 from mnnn.data.synthetic import delayed_recall, noisy_sine
 from mnnn.estimators import SparseStreamMemoryNetwork
 from mnnn.models.ssmn import SSMNNetwork, TextNativeSSMN
+from mnnn.state import step_through
 from tests.harness import check_streaming
 
 
@@ -33,17 +34,9 @@ def test_text_native_step_equals_forward_and_causal():
     net = _tiny_text().double()
     tok = torch.randint(0, 50, (2, 19))
     logits, _ = net(tok)
-    state, steps = net.init_state(2), []
-    for t in range(19):
-        out, state = net.step(tok[:, t], state)
-        steps.append(out)
-    torch.testing.assert_close(torch.stack(steps, 1), logits, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(step_through(net, tok)[0], logits, rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # the generation path (one shared cache copy per step) agrees too
-        state, steps = net.init_state(2), []
-        for t in range(19):
-            out, state = net.step(tok[:, t], state)
-            steps.append(out)
-    torch.testing.assert_close(torch.stack(steps, 1), logits.detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(step_through(net, tok)[0], logits.detach(), rtol=1e-10, atol=1e-10)
     for j in (0, 7, 18):  # changing token j changes no logit before j
         tok2 = tok.clone()
         tok2[:, j] = (tok2[:, j] + 1) % 50

@@ -17,6 +17,7 @@ import torch
 from mnnn.bench.common import markdown_table, median_time, provenance, write_json
 from mnnn.data.synthetic import noisy_sine
 from mnnn.estimators import MODELS
+from mnnn.state import step_through
 
 NAMES = ["amrc", "pmrc", "amn", "lstm", "gru"]
 
@@ -43,11 +44,8 @@ def verify(names: list[str]) -> dict[str, float]:
         x = torch.randn(2, 33, 4)
         with torch.no_grad():
             y, _ = net(x)
-            state, steps = net.init_state(2), []
-            for t in range(x.shape[1]):
-                out, state = net.step(x[:, t], state)
-                steps.append(out)
-        errs[name] = float((torch.stack(steps, 1) - y).abs().max())
+            steps, _ = step_through(net, x)
+        errs[name] = float((steps - y).abs().max())
         if errs[name] > 1e-4:
             raise AssertionError(f"{name}: step and forward disagree by {errs[name]:.2e}")
     return errs

@@ -29,6 +29,7 @@ from mnnn.bench.common import markdown_table, provenance, write_json
 from mnnn.models.lm_baselines import KVCache, LSTMLM, TransformerLM
 from mnnn.models.s3cmn import S3CMN
 from mnnn.models.ssmn import TextNativeSSMN
+from mnnn.state import step_through
 
 PRESETS = {
     "default": {"contexts": [1024, 4096, 16384, 65536], "d": 128, "layers": 2, "vocab": 30522, "steps": 32,
@@ -66,11 +67,8 @@ def verify(models, vocab: int, T: int = 24) -> dict[str, float]:
     errs = {}
     for name, model in models.items():
         full, _ = model(x)
-        state, outs = _init(model, 2), []
-        for t in range(T):
-            out, state = model.step(x[:, t], state)
-            outs.append(out)
-        errs[name] = float((torch.stack(outs, 1) - full).abs().max())
+        steps, _ = step_through(model, x, _init(model, 2))
+        errs[name] = float((steps - full).abs().max())
         if errs[name] > 1e-3:
             raise AssertionError(f"{name}: step path differs from forward by {errs[name]:.2e}")
     return errs
@@ -80,9 +78,11 @@ def verify(models, vocab: int, T: int = 24) -> dict[str, float]:
 def _context_state(name, model, L, c, device):
     g = torch.Generator().manual_seed(L)
     if name == "transformer_kv":
-        cache = model.init_cache(1)
-        shape = (*cache.k.shape[:3], L, cache.k.shape[-1])
-        return KVCache(k=torch.randn(shape, generator=g).to(device), v=torch.randn(shape, generator=g).to(device))
+        cache = model.init_cache(1, capacity=L + c["steps"] + 2)  # room for the timed steps
+        cache.k.normal_(generator=g)
+        cache.v.normal_(generator=g)
+        return KVCache(k=cache.k.to(device), v=cache.v.to(device),
+                       length=torch.tensor(L, device=device))
     state = model.init_state(1)
     for i in range(0, L, c["chunk"]):
         tokens = torch.randint(0, c["vocab"], (1, min(c["chunk"], L - i)), generator=g).to(device)

@@ -48,41 +48,51 @@ class TransformerLM(TokenLM):
         return self.ln(x), NoState()
 
     # ---- KV-cache decoding (the streaming baseline) ---------------------------------------------------
-    def init_cache(self, batch_size: int) -> KVCache:
+    def init_cache(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        """An empty cache with room for ``capacity`` tokens (default ``max_len``), allocated once."""
+        capacity = self.max_len if capacity is None else capacity
+        if not 0 < capacity <= self.max_len:
+            raise ValueError(f"capacity must be in [1, max_len={self.max_len}], got {capacity}")
         d = self.embed.weight.shape[1]
         heads = self.layers.layers[0].self_attn.num_heads
-        z = self.embed.weight.new_zeros(len(self.layers.layers), batch_size, heads, 0, d // heads)
-        return KVCache(k=z, v=z.clone())
+        z = self.embed.weight.new_zeros(len(self.layers.layers), batch_size, heads, capacity, d // heads)
+        return KVCache(k=z, v=z.clone(), length=torch.zeros((), dtype=torch.long, device=z.device))
 
     def step(self, token_t: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
         """One token ``[B]`` with a KV cache of the earlier ones: logits ``[B, vocab]`` equal to the
-        last position of ``forward`` over the whole prefix. The cache grows by one per call."""
-        t = cache.k.shape[3]
-        if t >= self.max_len:
-            raise ValueError(f"context of {t + 1} tokens is longer than max_len={self.max_len}")
-        x = self.embed(token_t) + self.pos.weight[t]
+        last position of ``forward`` over the whole prefix. The new key/value is written into the
+        preallocated cache in place (no copy of the context per token); with autograd enabled each
+        layer's buffer is copied first, so gradients through a decoded sequence stay correct."""
+        t, capacity = int(cache.length), cache.k.shape[3]
+        if t >= capacity:
+            raise ValueError(f"KV cache is full ({capacity} tokens); make it with init_cache(capacity=...)")
+        grad = torch.is_grad_enabled()
         ks, vs = [], []
+        x = self.embed(token_t) + self.pos.weight[t]
         for i, layer in enumerate(self.layers.layers):
             attn = layer.self_attn
             H = attn.num_heads
             B, d = x.shape
             q, k, v = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias).view(B, 3, H, d // H).unbind(1)
-            k_all = torch.cat([cache.k[i], k[:, :, None]], dim=2)
-            v_all = torch.cat([cache.v[i], v[:, :, None]], dim=2)
-            o = F.scaled_dot_product_attention(q[:, :, None], k_all, v_all)[:, :, 0].reshape(B, d)
-            x = x + attn.out_proj(o)
+            k_i, v_i = (cache.k[i].clone(), cache.v[i].clone()) if grad else (cache.k[i], cache.v[i])
+            k_i[:, :, t], v_i[:, :, t] = k, v
+            ks.append(k_i)
+            vs.append(v_i)
+            o = F.scaled_dot_product_attention(q[:, :, None], k_i[:, :, : t + 1], v_i[:, :, : t + 1])
+            x = x + attn.out_proj(o[:, :, 0].reshape(B, d))
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
-            ks.append(k_all)
-            vs.append(v_all)
-        return self.head(self.ln(x)), KVCache(k=torch.stack(ks), v=torch.stack(vs))
+        k_all, v_all = (torch.stack(ks), torch.stack(vs)) if grad else (cache.k, cache.v)
+        return self.head(self.ln(x)), KVCache(k=k_all, v=v_all, length=cache.length + 1)
 
 
 @dataclasses.dataclass
 class KVCache(TensorState):
-    """Keys and values of every earlier token: ``[layers, B, heads, t, head_dim]``."""
+    """Keys and values ``[layers, B, heads, capacity, head_dim]``; the first ``length`` positions
+    hold the earlier tokens."""
 
     k: torch.Tensor
     v: torch.Tensor
+    length: torch.Tensor
 
 
 @dataclasses.dataclass
