@@ -30,7 +30,7 @@ from mnnn.bench.common import markdown_table, provenance, write_json
 from mnnn.data.tasks import mqar
 
 SANITY = {"seq_len": 64, "kv_pairs": 4, "d_model": 64, "vocab": 2048, "train": 48_000, "test": 1_000,
-          "epochs": 8, "batch": 64, "lr": 1e-2}
+          "epochs": 8, "batch": 64, "lr": 1e-2, "window": 16}
 PRESETS = {
     "default": {"configs": [[64, 4], [128, 8], [256, 16]], "d_models": [64, 128], "vocab": 2048, "train": 20_000,
                 "test": 1_000, "epochs": 8, "batch": 64, "lr": 1e-2, "time_budget_s": 60, "window": 16,
@@ -41,17 +41,22 @@ PRESETS = {
     "toy": {"configs": [[16, 2]], "d_models": [16], "vocab": 64, "train": 64, "test": 32, "epochs": 1,
             "batch": 32, "lr": 3e-3, "time_budget_s": None, "window": 4, "models": list(tt.MODELS),
             "sanity": {"seq_len": 16, "kv_pairs": 2, "d_model": 16, "vocab": 64, "train": 64, "test": 32,
-                       "epochs": 1, "batch": 32, "lr": 3e-3}},
+                       "epochs": 1, "batch": 32, "lr": 3e-3, "window": 4}},
 }
 
 
-def _fit(name: str, L: int, kv: int, d: int, c: dict, device: str, update, time_budget_s=None) -> dict[str, Any]:
-    """Train one model on one configuration (examples seeded 0, test examples seeded 1); a row."""
+def _data(c: dict, L: int, kv: int, device: str) -> tuple[torch.Tensor, ...]:
+    """Training examples (seed 0) and held-out ones (seed 1) of one configuration."""
     x, y = mqar(c["train"], c["vocab"], L, kv, seed=0)
     xt, yt = mqar(c["test"], c["vocab"], L, kv, seed=1)
-    x, y, xt, yt = (t.to(device) for t in (x, y, xt, yt))
+    return tuple(t.to(device) for t in (x, y, xt, yt))
+
+
+def _fit(name: str, L: int, kv: int, d: int, data, c: dict, update, time_budget_s=None) -> dict[str, Any]:
+    """Train one model on one configuration's ``data``; its result row."""
+    x, y, xt, yt = data
     torch.manual_seed(0)
-    model = tt.build(name, c["vocab"], d, L, c.get("window", 16)).to(device)
+    model = tt.build(name, c["vocab"], d, L, c["window"]).to(x.device)
     hist = tt.train(model, x, y, c["epochs"], c["batch"], c["lr"], update, time_budget_s=time_budget_s)
     update(hist["planned_steps"] - hist["steps"])  # steps a time budget skipped
     tail = hist["losses"][-10:]
@@ -67,7 +72,8 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     device = "cuda" if preset == "gpu" and torch.cuda.is_available() else "cpu"
     sc = c["sanity"]
     with tt.bar(sc["epochs"] * (sc["train"] // sc["batch"]), "mqar sanity (transformer 64/4 d64)", progress) as pbar:
-        sanity = _fit("transformer", sc["seq_len"], sc["kv_pairs"], sc["d_model"], sc, device, pbar.update)
+        data = _data(sc, sc["seq_len"], sc["kv_pairs"], device)
+        sanity = _fit("transformer", sc["seq_len"], sc["kv_pairs"], sc["d_model"], data, sc, pbar.update)
     if sanity["accuracy"] < 0.99:
         warnings.warn(f"MQAR sanity check failed: Transformer accuracy {sanity['accuracy']:.3f} < 0.99 on "
                       f"({sc['seq_len']}, {sc['kv_pairs']}) at d_model {sc['d_model']}", stacklevel=2)
@@ -75,9 +81,10 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     rows = []
     with tt.bar(total, "mqar grid", progress) as pbar:
         for L, kv in c["configs"]:
+            data = _data(c, L, kv, device)
             for d in c["d_models"]:
                 for name in c["models"]:
-                    rows.append(_fit(name, L, kv, d, c, device, pbar.update, c["time_budget_s"]))
+                    rows.append(_fit(name, L, kv, d, data, c, pbar.update, c["time_budget_s"]))
     payload = {"suite": "mqar", "preset": preset, "sanity": {**sanity, "passed": sanity["accuracy"] >= 0.99},
                "results": rows, **provenance(c)}
     write_json(out_dir / "mqar.json", payload)

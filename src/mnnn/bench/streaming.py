@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from mnnn.bench.common import markdown_table, provenance, write_json
-from mnnn.models.lm_baselines import KVCache, LSTMLM, TransformerLM
+from mnnn.models.lm_baselines import LSTMLM, TransformerLM
 from mnnn.models.s3cmn import S3CMN
 from mnnn.models.ssmn import TextNativeSSMN
 from mnnn.state import step_through
@@ -78,11 +78,11 @@ def verify(models, vocab: int, T: int = 24) -> dict[str, float]:
 def _context_state(name, model, L, c, device):
     g = torch.Generator().manual_seed(L)
     if name == "transformer_kv":
-        cache = model.init_cache(1, capacity=L + c["steps"] + 2)  # room for the timed steps
-        cache.k.normal_(generator=g)
-        cache.v.normal_(generator=g)
-        return KVCache(k=cache.k.to(device), v=cache.v.to(device),
-                       length=torch.tensor(L, device=device))
+        cache = model.init_cache(1, capacity=L + c["steps"] + 2)  # on the model's device; room for the timed steps
+        cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+        cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+        cache.length.fill_(L)
+        return cache
     state = model.init_state(1)
     for i in range(0, L, c["chunk"]):
         tokens = torch.randint(0, c["vocab"], (1, min(c["chunk"], L - i)), generator=g).to(device)
