@@ -72,8 +72,34 @@ def test_bench_lm_toy(tmp_path):
     if not os.environ.get("MNNN_DATA_DIR"):
         pytest.skip("MNNN_DATA_DIR not set")
     assert main(["bench", "lm", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
-    rows = json.loads((tmp_path / "lm.json").read_text())["results"]
-    assert {r["model"] for r in rows} >= {"s3cmn_memory", "s3cmn_no_memory", "transformer", "lstm"}
+    payload = json.loads((tmp_path / "lm.json").read_text())
+    rows = {r["model"]: r for r in payload["results"]}
+    assert payload["check"]["passed"] and "dirty" in payload
+    for name in ("s3cmn", "transformer + memory", "lstm + memory"):
+        on, off = rows[f"{name} (memory on)"], rows[f"{name} (memory off)"]
+        assert on["steps"] == off["steps"] and on["valid_ppl"] != off["valid_ppl"]  # one checkpoint, a switch
+        assert 0 <= on["memory_hit_rate_chance"] <= 1 and 0 < on["mean_lambda"] < 1
+    assert {"transformer", "lstm", "text_native_ssmn"} <= set(rows)
+
+
+def test_bench_lm_check_fails_on_a_future_leak(tmp_path, monkeypatch, capsys):
+    """A model that peeks at the next token fails the suite's causality check: exit 1, the
+    failure in the JSON, nothing trained."""
+    import torch
+
+    import mnnn.bench.lm as lm
+    from mnnn.models.lm_baselines import LSTMLM
+
+    class Leaky(LSTMLM):
+        def features(self, tokens, state=None):
+            feats, state = super().features(tokens, state)
+            return feats + 0.1 * self.embed(torch.roll(tokens, -1, dims=1)), state
+
+    monkeypatch.setattr(lm, "build_models", lambda c: {"leaky": lambda: Leaky(30522, embed_dim=8, hidden_dim=8)})
+    assert main(["bench", "lm", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "lm.json").read_text())
+    assert not payload["check"]["passed"] and "future leak" in payload["check"]["failures"][0]
+    assert payload["results"] == [] and "check failed" in capsys.readouterr().err
 
 
 def test_bench_preset_missing(tmp_path, capsys):

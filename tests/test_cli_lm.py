@@ -77,3 +77,51 @@ def test_tune_grid(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("memory.memory_top_k: 3\n")
     assert main(["tune", str(bad), "--out", str(tmp_path / "t2")]) == 2
+
+
+@needs_data
+def test_same_config_twice_in_two_processes_is_identical(tmp_path):
+    """training.seed seeds the initialisation as well as the data order: two processes with one
+    config write the same metrics.jsonl and the same checkpoint, byte for byte."""
+    import subprocess
+    import sys
+
+    outs = [tmp_path / "a", tmp_path / "b"]
+    procs = [subprocess.Popen([sys.executable, "-m", "mnnn.cli", "train", "--out", str(o), "--quiet", *TINY,
+                               "--set", "training.eval_tokens=2000"],
+                              env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL)
+             for o in outs]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    for name in ("metrics.jsonl", "checkpoint.safetensors"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    assert len((outs[0] / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+@needs_data
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """A run whose learning rate makes every step non-finite stops with one line that says why
+    and leaves the previous finite checkpoint loadable."""
+    from mnnn.training.checkpoint import load_checkpoint
+
+    assert main(["train", "--out", str(tmp_path), "--quiet", *TINY]) == 0
+    capsys.readouterr()
+    code = main(["train", "--out", str(tmp_path), "--quiet", *TINY, "--set", "training.max_steps=20",
+                 "--set", "training.learning_rate=1.0e+30"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "diverged" in err and "learning_rate" in err
+    assert main(["train", "--out", str(tmp_path / "x"), "--quiet", *TINY, "--set", "training.learning_rate=.inf"]) == 2
+    assert "learning_rate must be a finite number > 0, got inf" in capsys.readouterr().err
+    # a checkpoint is written only while the weights are finite: the file holds a finite state
+    # (the first run's, or a later finite one) from before the divergence stopped the run
+    tensors, meta = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    assert 3 <= meta["step"] < 20 and all(bool(t.isfinite().all()) for k, t in tensors.items() if k.startswith("model/"))
+
+
+def test_torn_metrics_line_does_not_block_resume(tmp_path):
+    from mnnn.training.lm import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    _truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n'

@@ -17,6 +17,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from mnnn.bench import SUITES, get_suite
 
     names = list(SUITES) if args.suite == "all" else [args.suite]
+    failed = False
     for name in names:
         try:
             run = get_suite(name, args.preset)
@@ -27,8 +28,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"error: {err.args[0]}", file=sys.stderr)
             return 2
         payload = run(args.out, preset=args.preset, progress=not args.quiet)
+        check = payload.get("check")
+        if isinstance(check, dict) and check.get("passed") is False:
+            # the suite's check failed before anything was timed: nothing it would print is trustworthy
+            for failure in check.get("failures", []):
+                print(f"{name}: check failed: {failure}", file=sys.stderr)
+            print(f"{name}: check failed; the failure is recorded in {args.out}", file=sys.stderr)
+            failed = True
+            continue
         print(f"{name}: results written to {args.out} ({len(payload['results'])} rows)")
-    return 0
+    return 1 if failed else 0
 
 
 def _load_data(split: str):
@@ -37,13 +46,36 @@ def _load_data(split: str):
     return load_split(split)
 
 
-def _summary(model, ppl: float) -> dict:
-    out = {"valid_ppl": ppl}
+_STAT_KEYS = ("memory_hit_rate", "memory_hit_rate_chance", "retrieval_accuracy", "retrieval_accuracy_chance",
+              "memory_gain_nats", "mean_lambda", "spike_rate", "blocks", "output_memory")
+
+
+def _summary(model, ev: dict) -> dict:
+    """What an evaluation pass measured (statistics were reset at its start)."""
+    out = {"valid_ppl": ev["ppl"]}
+    if "ppl_no_memory" in ev:
+        out.update(valid_ppl_no_memory=ev["ppl_no_memory"], ppl_ratio=ev["ppl"] / ev["ppl_no_memory"])
     if hasattr(model, "get_stats"):
         stats = model.get_stats()
-        out.update(memory_hit_rate=stats["memory_hit_rate"], retrieval_accuracy=stats["retrieval_accuracy"],
-                   spike_rate=stats["spike_rate"], blocks=stats["blocks"])
+        out.update({k: stats[k] for k in _STAT_KEYS if k in stats})
+        if "output_memory" in stats:
+            out.update(memory_theta=stats["output_memory"]["theta"], memory_top_k=stats["output_memory"]["top_k"])
     return out
+
+
+def _print_summary(summary: dict, tokens: int) -> None:
+    if "valid_ppl_no_memory" in summary:
+        print(f"valid perplexity {summary['valid_ppl']:.2f} with memory, {summary['valid_ppl_no_memory']:.2f} "
+              f"without (same pass; ratio {summary['ppl_ratio']:.3f}) over {tokens:,} tokens")
+        om = summary.get("output_memory", {})
+        print(f"memory hit rate (true next token in the top-{om.get('top_k')}) {summary['memory_hit_rate']:.3f} "
+              f"(chance {summary['memory_hit_rate_chance']:.3f}); retrieval accuracy "
+              f"{summary['retrieval_accuracy']:.3f} (chance {summary['retrieval_accuracy_chance']:.3f}); "
+              f"mean lambda {summary['mean_lambda']:.3f}, theta {om.get('theta', float('nan')):.2f}")
+    else:
+        print(f"valid perplexity {summary['valid_ppl']:.2f} over {tokens:,} tokens (exp of total NLL / tokens)")
+    if "spike_rate" in summary:
+        print(f"spike rate {summary['spike_rate']:.3f}")
 
 
 def run_training(cfg: dict, out_dir=None, resume: bool = True, quiet: bool = False, sample: bool = True) -> dict:
@@ -53,7 +85,7 @@ def run_training(cfg: dict, out_dir=None, resume: bool = True, quiet: bool = Fal
 
     from mnnn.data.wikitext import load_tokenizer
     from mnnn.lm import build_model, predict
-    from mnnn.training.lm import evaluate_lm, train_lm
+    from mnnn.training.lm import evaluate_lm, seed_everything, train_lm
 
     tr = dict(cfg["training"])
     out_dir = Path(out_dir or tr.get("out_dir") or "runs/train")
@@ -62,20 +94,24 @@ def run_training(cfg: dict, out_dir=None, resume: bool = True, quiet: bool = Fal
     eval_bs = tr.pop("eval_batch_size", 4)
     eval_tokens = tr.pop("eval_tokens", None)  # None: the whole valid split
     train_ids, valid_ids = _load_data("train"), _load_data("valid")
+    seed_everything(int(tr.get("seed", 0)))  # the initialisation too: same config, same run
     model = build_model(cfg)
     print(f"{cfg['model'].get('name', 's3cmn')}: {sum(p.numel() for p in model.parameters()):,} parameters; "
           f"training on {len(train_ids):,} WikiText-2 tokens -> {out_dir}")
     hist = train_lm(model, train_ids, valid_ids=valid_ids[:20000] if tr.get("eval_every") else None,
                     out_dir=out_dir, resume=resume, config=cfg, progress=not quiet, **tr)
     print(f"trained {hist['steps']} steps, {hist['tokens']:,} tokens at {hist['tokens'] / hist['seconds']:.0f} tokens/s")
-    ev = evaluate_lm(model, valid_ids[:eval_tokens], batch_size=eval_bs, seq_len=tr.get("seq_len", 128))
-    summary = _summary(model, ev["ppl"])
-    summary.update(steps=hist["steps"], train_tokens_per_s=hist["tokens"] / hist["seconds"], valid_tokens=ev["tokens"])
+    import time
+
+    t0 = time.perf_counter()
+    ev = evaluate_lm(model, valid_ids[:eval_tokens], batch_size=eval_bs, seq_len=tr.get("seq_len", 128),
+                     progress=not quiet)
+    eval_s = time.perf_counter() - t0
+    summary = _summary(model, ev)
+    summary.update(steps=hist["steps"], train_tokens_per_s=hist["tokens"] / hist["seconds"], valid_tokens=ev["tokens"],
+                   eval_tokens_per_s=ev["tokens"] / eval_s)
     (out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
-    print(f"valid perplexity {ev['ppl']:.2f} over {ev['tokens']:,} tokens (exp of total NLL / tokens)")
-    if "memory_hit_rate" in summary:
-        print(f"memory hit rate {summary['memory_hit_rate']:.3f}, retrieval accuracy "
-              f"{summary['retrieval_accuracy']:.3f}, spike rate {summary['spike_rate']:.3f}")
+    _print_summary(summary, ev["tokens"])
     if sample:
         text = predict(model, load_tokenizer(), prompt, max_new_tokens=30, seed=0)
         print(f"sample: {prompt} ... {text}")
@@ -141,11 +177,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mnnn.training.lm import evaluate_lm
 
     model, meta = _load_checkpoint_model(args.checkpoint)
+    if args.no_memory:
+        if not hasattr(model, "set_memory_enabled"):
+            raise ValueError("--no-memory: this model has no memory to switch off")
+        model.set_memory_enabled(False)
     ids = _load_data(args.split)[: args.max_tokens]
-    ev = evaluate_lm(model, ids, batch_size=args.batch_size, seq_len=meta["config"].get("seq_len", 128))
-    summary = _summary(model, ev["ppl"])
+    ev = evaluate_lm(model, ids, batch_size=args.batch_size, seq_len=meta["config"].get("seq_len", 128),
+                     progress=True)
+    summary = _summary(model, ev)
     summary.update(split=args.split, tokens=ev["tokens"], step=meta["step"])
-    print(json.dumps({k: v for k, v in summary.items() if k != "blocks"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("blocks", "output_memory")}, indent=2))
     return 0
 
 
@@ -235,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=4, help="parallel streams (default: 4)")
     ev.add_argument("--max-tokens", type=int, default=None,
                     help="score only the first N tokens of the split (default: the whole split)")
+    ev.add_argument("--no-memory", action="store_true",
+                    help="switch every memory read and write off (the same checkpoint, its no-memory ablation)")
     ev.set_defaults(func=_cmd_eval)
 
     gen = sub.add_parser("generate", help="continue a text with a checkpoint",
@@ -262,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         # user errors (missing data, bad config, corrupt checkpoint): one clear line, exit code 2
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # a diverged run: it stopped and kept its last good checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

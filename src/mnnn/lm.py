@@ -70,12 +70,37 @@ def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
     name = model_cfg.pop("name", "s3cmn")
     if name not in LANGUAGE_MODELS:
         raise KeyError(f"unknown model {name!r}; known: {sorted(LANGUAGE_MODELS)}")
-    model_cfg.update(cfg.get("memory") or {})
+    memory = dict(cfg.get("memory") or {})
+    enabled = memory.pop("enabled", None)
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"memory.enabled must be true or false, got {enabled!r}")
     model_cfg.setdefault("vocab_size", 30522)
+    if name in ("transformer", "lstm"):
+        # the baselines take the same output memory as a wrapper, built when memory.enabled is true
+        try:
+            base = LANGUAGE_MODELS[name](**model_cfg)
+        except TypeError as err:
+            raise ValueError(f"bad config for model {name!r}: {err}") from err
+        if not enabled:
+            if memory:
+                raise ValueError(f"memory keys {sorted(memory)} given for {name!r} without memory.enabled=true")
+            return base
+        from mnnn.models.memory_lm import OutputMemoryLM
+
+        try:
+            return OutputMemoryLM(base, **memory)
+        except TypeError as err:
+            raise ValueError(f"bad memory config for model {name!r}: {err}") from err
+    model_cfg.update(memory)
     try:
-        return LANGUAGE_MODELS[name](**model_cfg)
+        model = LANGUAGE_MODELS[name](**model_cfg)
     except TypeError as err:
         raise ValueError(f"bad config for model {name!r}: {err}") from err
+    if enabled is not None:
+        if not hasattr(model, "set_memory_enabled"):
+            raise ValueError(f"memory.enabled: model {name!r} has no memory switch")
+        model.set_memory_enabled(enabled)
+    return model
 
 
 @torch.no_grad()

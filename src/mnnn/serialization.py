@@ -37,8 +37,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write ``tensors`` (complex ones stored as real pairs) and JSON ``meta`` atomically."""
-    from safetensors.torch import save_file
-
     flat: dict[str, torch.Tensor] = {}
     complex_keys = []
     for key, value in tensors.items():
@@ -49,7 +47,22 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
         flat[key] = value.contiguous()
     header = {"mnnn_format_version": str(FORMAT_VERSION), "meta": json.dumps(meta),
               "complex_keys": json.dumps(complex_keys)}
-    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=header))
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(_canonical_safetensors(flat, header)))
+
+
+def _canonical_safetensors(flat: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose JSON header has its keys sorted: the library writes the metadata
+    in hash order, which differs between processes, so the same tensors would give different
+    files. Data offsets are relative to the end of the header, so re-serialising it is safe."""
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(flat, metadata=metadata)
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format aligns the data to 8 bytes
+    return struct.pack("<Q", len(header)) + header + raw[8 + n :]
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

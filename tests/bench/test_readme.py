@@ -16,3 +16,16 @@ def test_update_replaces_marked_tables_only(tmp_path):
     text = readme.read_text()
     assert "| lstm | 0.5 |" in text and "old" not in text and "keep" in text
     assert "git abcdef1" in text and "mnnn bench copy --preset default" in text
+
+
+def test_dirty_results_are_refused(tmp_path, capsys):
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "copy.md").write_text("| model | acc |\n|---|---|\n| lstm | 0.9 |\n")
+    (res / "copy.json").write_text(json.dumps({"date": "2026-11-22T00:00:00", "git_revision": "abcdef123",
+                                               "dirty": True, "preset": "default", "machine": {}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:copy -->old<!-- /bench:copy -->\n")
+    assert update(readme, res) == []
+    assert "old" in readme.read_text() and "0.9" not in readme.read_text()
+    assert "dirty" in capsys.readouterr().out

@@ -15,10 +15,11 @@ def _small_ssmn(**kw):
     return net
 
 
+@pytest.mark.parametrize("rule", ["hebbian", "delta", "gated_delta"])
 @pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
-def test_standard_whole_equals_chunks_equals_steps(gated):
+def test_standard_whole_equals_chunks_equals_steps(gated, rule):
     torch.manual_seed(0)
-    net = _small_ssmn(importance_gating=gated).double()
+    net = _small_ssmn(importance_gating=gated, plasticity_rule=rule).double()
     check_streaming(net, torch.randn(2, 23, 3, dtype=torch.float64), splits=(1, 7, 15), tol=1e-10)
 
 
@@ -30,8 +31,9 @@ def _tiny_text(**kw):
     return TextNativeSSMN(50, **args)
 
 
-def test_text_native_step_equals_forward_and_causal():
-    net = _tiny_text().double()
+@pytest.mark.parametrize("rule", ["hebbian", "delta", "gated_delta"])
+def test_text_native_step_equals_forward_and_causal(rule):
+    net = _tiny_text(plasticity_rule=rule).double()
     tok = torch.randint(0, 50, (2, 19))
     logits, _ = net(tok)
     torch.testing.assert_close(step_through(net, tok)[0], logits, rtol=1e-10, atol=1e-10)
@@ -115,3 +117,31 @@ def test_text_native_learns_wikitext_beyond_unigram():
     seen = train[: model.history_["tokens"]]
     ppl = evaluate_lm(model, valid[:20000], batch_size=4, seq_len=256)["ppl"]
     assert ppl < unigram_perplexity(seen, valid[:20000]), ppl
+
+
+def test_delta_rule_memory_reaches_beyond_the_window_and_reports_statistics():
+    """With the delta rule a token far outside the attention window (window 4, token 0 vs
+    position 30) still changes the output through the fast weights; analyze_synaptic_state and
+    the statistics work for every rule."""
+    for rule in ("delta", "gated_delta"):
+        net = _tiny_text(plasticity_rule=rule)
+        tok = torch.randint(0, 50, (1, 31), generator=torch.Generator().manual_seed(0))
+        tok2 = tok.clone()
+        tok2[0, 0] = (tok2[0, 0] + 1) % 50
+        with torch.no_grad():
+            a, _ = net(tok)
+            b, _ = net(tok2)
+        assert (a[0, 30] - b[0, 30]).abs().max() > 1e-6
+        net.generate_sequence([1, 2, 3], max_length=3, seed=0)
+        stats = net.analyze_synaptic_state()
+        assert stats["energy"] > 0 and stats["num_active_modes"] >= 1
+        assert net.synaptic_update_magnitude > 0
+
+
+def test_bad_plasticity_rule():
+    with pytest.raises(ValueError, match="plasticity_rule must be"):
+        _tiny_text(plasticity_rule="oja")
+    from mnnn.layers.synaptic import SynapticMemory
+
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
+        SynapticMemory(8, 2, plasticity_rule="delta", chunk_size=0)

@@ -30,14 +30,24 @@ def median_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> tup
 
 def provenance(config: dict[str, Any]) -> dict[str, Any]:
     """What is needed to trace and rerun a result: config, git revision, machine, date."""
+    here = Path(__file__).parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+                             cwd=here, timeout=10).stdout.strip() or None
+        # dirty: the package's own sources differ from that revision (results are not reproducible
+        # from it); untracked files elsewhere do not count
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                capture_output=True, text=True, cwd=here.parent, timeout=10).stdout
+        dirty = bool(status.strip()) if rev else None
     except (OSError, subprocess.SubprocessError):
-        rev = None
+        rev, dirty = None, None
+    import sys
+
     return {
         "config": config,
         "git_revision": rev,
+        "dirty": dirty,
+        "command": " ".join(["mnnn", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("mnnn") else None,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),

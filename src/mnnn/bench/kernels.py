@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from mnnn.bench.common import markdown_table, median_time, provenance, write_json
 from mnnn.ops import (decay_attention, decay_attention_naive, lif, lif_naive, linear_scan, linear_scan_naive,
                       synaptic_memory, synaptic_memory_naive, window_attention, window_attention_naive)
+from mnnn.ops.delta_rule import delta_rule, delta_rule_naive
 from mnnn.ops.longconv import long_conv_fft, long_conv_naive
 from mnnn.ops.ssm import discretize, s4d_fft, s4d_naive
 
@@ -36,6 +38,7 @@ def cases(B: int, T: int, D: int, H: int) -> dict[str, tuple[Callable, Callable,
     a = torch.rand(B, T, D, generator=g).mul(0.5).add(0.5).requires_grad_()
     decay = torch.rand(B, T, H, generator=g).mul(0.2).add(0.8).requires_grad_()
     gate = torch.rand(B, T, H, generator=g).requires_grad_()
+    beta = torch.rand(B, T, H, generator=g).mul(0.9).add(0.05).requires_grad_()
     q, k, v = r(B, T, H, K, scale=K ** -0.5), r(B, T, H, K, scale=K ** -0.5), r(B, T, H, K)
     log_dt, A_re, A_im = torch.randn(D, generator=g) - 2, torch.randn(D, 16, generator=g) * 0.5, torch.randn(D, 16, generator=g)
     Bc, Cc = torch.randn(D, 16, dtype=torch.cfloat, generator=g), torch.randn(D, 16, dtype=torch.cfloat, generator=g)
@@ -53,6 +56,13 @@ def cases(B: int, T: int, D: int, H: int) -> dict[str, tuple[Callable, Callable,
         "lif": (lambda c: lif(c)[0], lambda c: lif_naive(c)[0], [r(B, T, D, scale=0.6)]),
         "s4d": (lambda u: s4d_fft(u, Ab, Bb, Cd, Dd)[0], lambda u: s4d_naive(u, Ab, Bb, Cd, Dd)[0], [r(B, T, D)]),
         "long_conv": (long_conv_fft, long_conv_naive, [r(B, T, D), filt]),
+        "delta_rule": (lambda q, k, v, b: delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, b)[0],
+                       lambda q, k, v, b: delta_rule_naive(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, b)[0],
+                       [q, k, v, beta]),
+        "gated_delta_rule": (
+            lambda q, k, v, b, d: delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, b, d)[0],
+            lambda q, k, v, b, d: delta_rule_naive(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, b, d)[0],
+            [q, k, v, beta, decay]),
     }
 
 
@@ -90,7 +100,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                 if name == "lif" and err_out > 0:  # spikes are exact; gradients pass a threshold
                     raise AssertionError(f"lif T={T}: spikes differ from the naive loop")
                 t_fast, _ = median_time(lambda: _fwd_bwd(fast, inputs, w), repeats=c["repeats"], warmup=1)
-                t_naive, _ = median_time(lambda: _fwd_bwd(naive, inputs, w), repeats=c["repeats"])
+                t_naive, _ = median_time(lambda: _fwd_bwd(naive, inputs, w), repeats=c["repeats"], warmup=1)
                 rows.append({"op": name, "T": T, "fast_s": t_fast, "naive_s": t_naive, "speedup": t_naive / t_fast,
                              "max_rel_err_out": err_out, "max_rel_err_grad": err_grad})
                 bar.update(1)

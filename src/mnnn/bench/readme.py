@@ -3,7 +3,8 @@
 ``python -m mnnn.bench.readme [--results runs/bench] [--readme README.md]`` replaces the text
 between ``<!-- bench:SUITE -->`` and ``<!-- /bench:SUITE -->`` with ``SUITE.md`` from the results
 folder and a line naming the date, git revision, machine and the command that reproduces it.
-Markers whose results are missing are left as they are (and listed).
+Markers whose results are missing are left as they are (and listed); results measured from
+uncommitted code (``dirty``) or an unknown revision are refused (and listed).
 """
 
 from __future__ import annotations
@@ -14,12 +15,19 @@ import re
 from pathlib import Path
 
 
+class DirtyResult(ValueError):
+    """A result whose code is not a commit: it is not spliced."""
+
+
 def render(suite: str, results: Path) -> str | None:
     stem = suite.replace("-", "_")
     table, meta = results / f"{stem}.md", results / f"{stem}.json"
     if not table.exists() or not meta.exists():
         return None
     info = json.loads(meta.read_text())
+    if info.get("dirty") or not info.get("git_revision"):
+        # measured from uncommitted code: no revision reproduces it, so it stays out of the README
+        raise DirtyResult(f"{suite}: results come from a dirty or unknown revision; commit, then re-run the suite")
     rev = (info.get("git_revision") or "unknown")[:7]
     machine = info.get("machine", {})
     where = f"{machine.get('processor', '?')}, {machine.get('threads', '?')} threads, torch {machine.get('torch', '?')}"
@@ -29,11 +37,16 @@ def render(suite: str, results: Path) -> str | None:
 
 def update(readme: Path, results: Path) -> list[str]:
     text = readme.read_text()
-    missing = []
+    missing: list[str] = []
+    refused: list[str] = []
 
     def sub(match: re.Match) -> str:
         suite = match.group(1)
-        body = render(suite, results)
+        try:
+            body = render(suite, results)
+        except DirtyResult as err:
+            refused.append(str(err))
+            return match.group(0)
         if body is None:
             missing.append(suite)
             return match.group(0)
@@ -42,6 +55,8 @@ def update(readme: Path, results: Path) -> list[str]:
     new = re.sub(r"<!-- bench:([\w-]+) -->.*?<!-- /bench:\1 -->", sub, text, flags=re.S)
     if new != text:
         readme.write_text(new)
+    for line in refused:
+        print(f"refused: {line}")
     return missing
 
 

@@ -29,7 +29,10 @@ def build(name: str, vocab: int, d: int, seq_len: int, window: int) -> nn.Module
         return LSTMLM(vocab, embed_dim=d, hidden_dim=d)
     if name == "s3cmn":
         return S3CMN(vocab_size=vocab, embedding_dim=d, hidden_dim=d, num_layers=2, memory_size=256, d_state=16,
-                     max_len=seq_len, memory_top_k=4, memory_interval=8)
+                     max_len=seq_len, memory_top_k=4, memory_interval=8,
+                     # the token tasks score features()+head() at a few positions, which the output
+                     # memory (a mixture at the output) does not enter: they measure the membrane read
+                     memory_fusion="membrane")
     if name == "text_native_ssmn":
         return TextNativeSSMN(vocab, embed_dim=d, hidden_dim=d, window_size=window, num_layers=2,
                               plastic_ratio=0.5, num_heads=max(1, d // 32))

@@ -24,18 +24,20 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
         num_heads: attention and synaptic heads.
         importance_gating: learned write gates g_t (Text-Native SSMN has them; the seed's Standard
             SSMN writes at every step, the default here too).
+        plasticity_rule: 'hebbian' (the seed's rule, default), 'delta' or 'gated_delta' (the
+            error-correcting delta rule; see :class:`mnnn.layers.synaptic.SynapticMemory`).
         learning_rate, bptt, weight_decay, grad_clip, warm_start, random_state, device: as in
             :class:`mnnn.AMRC`.
     """
 
     _input_param, _hidden_param, _output_param = "input_dim", "hidden_dim", "output_dim"
     _arch_params = ("input_dim", "hidden_dim", "output_dim", "window_size", "num_layers", "plastic_ratio",
-                    "num_heads", "importance_gating")
+                    "num_heads", "importance_gating", "plasticity_rule")
     _default_batch_size = 256
 
     def __init__(self, input_dim=None, hidden_dim=256, output_dim=None, window_size=512, plasticity_eta=0.01,
                  decay_lambda=0.001, num_layers=5, plastic_ratio=0.2, num_heads=4, importance_gating=False,
-                 learning_rate=1e-3,
+                 plasticity_rule="hebbian", learning_rate=1e-3,
                  bptt=128, weight_decay=0.0, grad_clip=1.0, warm_start=True, random_state=None, device="cpu"):
         self.input_dim = input_dim
         self.hidden_dim = hidden_dim
@@ -47,6 +49,7 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
         self.plastic_ratio = plastic_ratio
         self.num_heads = num_heads
         self.importance_gating = importance_gating
+        self.plasticity_rule = plasticity_rule
         self.learning_rate = learning_rate
         self.bptt = bptt
         self.weight_decay = weight_decay
@@ -61,6 +64,8 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
             raise ValueError(f"window_size must be a positive int, got {self.window_size!r}")
         if not self.plasticity_eta >= 0:
             raise ValueError(f"plasticity_eta must be >= 0, got {self.plasticity_eta!r}")
+        if self.plasticity_rule not in ("hebbian", "delta", "gated_delta"):
+            raise ValueError(f"plasticity_rule must be 'hebbian', 'delta' or 'gated_delta', got {self.plasticity_rule!r}")
         if not 0 <= self.decay_lambda <= 1:
             raise ValueError(f"decay_lambda must be in [0, 1], got {self.decay_lambda!r}")
 
@@ -68,7 +73,7 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
         return SSMNNetwork(input_size, output_size, hidden_dim=self.hidden_dim, window_size=self.window_size,
                            plasticity_eta=self.plasticity_eta, decay_lambda=self.decay_lambda,
                            num_layers=self.num_layers, plastic_ratio=self.plastic_ratio, num_heads=self.num_heads,
-                           importance_gating=self.importance_gating)
+                           importance_gating=self.importance_gating, plasticity_rule=self.plasticity_rule)
 
     def _sync(self) -> None:
         self._validate_params()

@@ -28,6 +28,7 @@ from mnnn.layers.hyena import Hyena, HyenaState
 from mnnn.layers.spiking import SpikingLayer, SpikingState
 from mnnn.layers.ssm import S4D
 from mnnn.memory.episodic import Memory
+from mnnn.memory.output_cache import CacheState, OutputMemory
 from mnnn.models.token_lm import TokenLM
 from mnnn.state import TensorState
 
@@ -46,7 +47,10 @@ class S3CMNConfig:
     memory_interval: int = 64
     memory_compressed_dim: int = 64
     memory_quantize: bool = True
-    memory_similarity_threshold: float = 0.9  # a read is a hit when its best entry's cosine reaches this
+    memory_similarity_threshold: float = 0.9  # membrane fusion: a read is a hit when its best cosine reaches this
+    memory_fusion: str = "output"  # 'output' (mixture at the output), 'membrane' (the seed's), or 'both'
+    memory_theta: float = 10.0  # output memory: initial inverse temperature of the cosine scores
+    memory_lambda: float = 0.05  # output memory: initial mixture weight
     beta: float = 0.95
     threshold: float = 1.0
     spike_grad: str = "fast_sigmoid"
@@ -57,6 +61,8 @@ class S3CMNConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.memory_fusion not in ("output", "membrane", "both"):
+            raise ValueError(f"memory_fusion must be 'output', 'membrane' or 'both', got {self.memory_fusion!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "S3CMNConfig":
@@ -78,6 +84,7 @@ class S3CMNState(TensorState):
     pending_count: torch.Tensor  # []
     last_keys: torch.Tensor  # [L, B, H] key of the previous position, waiting for its next token
     has_last: torch.Tensor  # [] 1 once a previous position exists
+    cache: CacheState  # the output memory's per-stream ring buffer (zero slots without one)
 
 
 class S3CMNBlock(nn.Module):
@@ -91,7 +98,7 @@ class S3CMNBlock(nn.Module):
         self.spiking = SpikingLayer(H, H, beta=cfg.beta, threshold=cfg.threshold, spike_grad=cfg.spike_grad)
         self.spk_out = nn.Linear(H, H)
         self.memory = None
-        if cfg.use_memory:
+        if cfg.use_memory and cfg.memory_fusion in ("membrane", "both"):
             self.memory = Memory(cfg.memory_size, H, compressed_dim=min(cfg.memory_compressed_dim, H),
                                  max_size=cfg.memory_size, quantize=cfg.memory_quantize, value_dim=1,
                                  similarity_threshold=cfg.memory_similarity_threshold)
@@ -122,6 +129,11 @@ class S3CMN(TokenLM):
         self.blocks = nn.ModuleList(S3CMNBlock(cfg) for _ in range(cfg.num_layers))
         self.ln_out = nn.LayerNorm(H)
         self.down = nn.Linear(H, E)
+        self.output_memory = None
+        if cfg.use_memory and cfg.memory_fusion in ("output", "both"):
+            self.output_memory = OutputMemory(E, cfg.memory_size, cfg.memory_top_k, cfg.memory_theta,
+                                              cfg.memory_lambda)
+        self.memory_enabled = True
         self.reset_stats()
         self.to(device)
 
@@ -134,7 +146,27 @@ class S3CMN(TokenLM):
         return S3CMNState(pos=zero, hyena=self.hyena.init_state(batch_size), ssm=ssm,
                           membrane=w.new_zeros(L, batch_size, H), pending_keys=w.new_zeros(L, batch_size, S, H),
                           pending_values=torch.zeros(batch_size, S, dtype=torch.long, device=w.device),
-                          pending_count=zero.clone(), last_keys=w.new_zeros(L, batch_size, H), has_last=zero.clone())
+                          pending_count=zero.clone(), last_keys=w.new_zeros(L, batch_size, H), has_last=zero.clone(),
+                          cache=self._init_cache(batch_size))
+
+    def _init_cache(self, batch_size: int) -> CacheState:
+        if self.output_memory is not None:
+            return self.output_memory.init_state(batch_size)
+        w, zero = self.up.weight, torch.zeros((), dtype=torch.long, device=self.up.weight.device)
+        E = self.config.embedding_dim
+        return CacheState(keys=w.new_zeros(batch_size, 0, E), values=zero.new_zeros(batch_size, 0),
+                          count=zero, last_key=w.new_zeros(batch_size, E), has_last=zero.clone())
+
+    def set_memory_enabled(self, enabled: bool) -> None:
+        """Switch every memory read and write on or off on this (trained) model: off, the model is
+        its own no-memory ablation — same weights, same checkpoint."""
+        self.memory_enabled = bool(enabled)
+        if self.output_memory is not None:
+            self.output_memory.enabled = self.memory_enabled
+
+    @property
+    def has_output_memory(self) -> bool:
+        return self.output_memory is not None
 
     def reset_memory(self) -> None:
         """Empty every block's episodic store (e.g. before evaluating a new stream)."""
@@ -144,6 +176,8 @@ class S3CMN(TokenLM):
 
     def reset_stats(self) -> None:
         self._retrieval = [0, 0]
+        if getattr(self, "output_memory", None) is not None:
+            self.output_memory.reset_stats()
         for block in getattr(self, "blocks", []):
             block.spiking.reset_state()
             if block.memory is not None:
@@ -161,14 +195,39 @@ class S3CMN(TokenLM):
         tokens = tokens.long()
         state = self.init_state(tokens.shape[0]) if state is None else state
         S = self.config.memory_interval
+        membrane = self.memory_enabled and any(b.memory is not None for b in self.blocks)
         outs, start, T = [], 0, tokens.shape[1]
         while start < T:
-            # pieces end where the absolute position reaches a multiple of memory_interval
-            end = min(T, start + S - (int(state.pos) % S))
+            # with the membrane memory, pieces end where the absolute position reaches a multiple of
+            # memory_interval (its stores are written there); without it, one piece: Hyena and S4D
+            # run over the whole segment at once
+            end = min(T, start + S - (int(state.pos) % S)) if membrane else T
             feats, state = self._piece(tokens[:, start:end], state, tokens[:, end] if end < T else None)
             outs.append(feats)
             start = end
         return torch.cat(outs, dim=1), state
+
+    def forward(self, tokens, state: S3CMNState | None = None, targets: torch.Tensor | None = None):
+        """tokens ``[B, T]`` (a list or 1-D tensor of ids is one stream, ``[1, T]``) ->
+        ``(logits [B, T, V], state)``. With the output memory the "logits" are the mixture's
+        log-probabilities (a softmax of them is the mixture). With ``targets [B, T]``:
+        ``(nll, nll_no_memory, state)``, each NLL ``[B, T]`` — the training and evaluation path,
+        which never builds a second ``T x vocab`` tensor."""
+        tokens = _as_batch(tokens)
+        feats, state = self.features(tokens, state)
+        logits = self.head(feats)
+        if self.output_memory is None:
+            if targets is None:
+                return logits, state
+            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            return nll, nll, state
+        out, cache = self.output_memory(feats, tokens, logits, state.cache, targets)
+        state = dataclasses.replace(state, cache=cache)
+        return (out, state) if targets is None else (out[0], out[1], state)
+
+    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor, state: S3CMNState | None = None):
+        """``(nll, nll_no_memory, state)``: see :meth:`forward`."""
+        return self(tokens, state, targets=targets)
 
     def step(self, token_t: torch.Tensor, state: S3CMNState):
         logits, state = self(token_t[:, None], state)
@@ -187,7 +246,7 @@ class S3CMN(TokenLM):
             ssm_states.append(h_ssm)
             q = block.ln_spk(x)
             extra = None
-            if block.memory is not None:
+            if block.memory is not None and self.memory_enabled:
                 extra = self._read(block, q, group, tokens, next_token)
                 keys.append(q.detach())
             spikes, sp_state = block.spiking(q, SpikingState(u=state.membrane[i]), extra)
@@ -197,7 +256,7 @@ class S3CMN(TokenLM):
         new = S3CMNState(pos=state.pos + T, hyena=hyena_state, ssm=torch.stack(ssm_states),
                          membrane=torch.stack(membranes), pending_keys=state.pending_keys,
                          pending_values=state.pending_values, pending_count=state.pending_count,
-                         last_keys=state.last_keys, has_last=state.has_last)
+                         last_keys=state.last_keys, has_last=state.has_last, cache=state.cache)
         if keys:
             new = self._buffer_entries(new, torch.stack(keys), tokens)
         return feats, new
@@ -246,7 +305,14 @@ class S3CMN(TokenLM):
 
     # ---- statistics -----------------------------------------------------------------------------
     def get_stats(self) -> dict[str, Any]:
-        """Memory hit rate and stats per block, retrieval accuracy, spike statistics."""
+        """Memory and spike statistics since :meth:`reset_stats` (which every evaluation calls).
+
+        With the output memory: ``memory_hit_rate`` = reads whose top-k holds the true next token
+        (recall@k), ``retrieval_accuracy`` = the best entry's token is the true next token, each
+        with its ``*_chance`` level (k, or one, entries drawn at random from the same store);
+        ``memory_gain_nats``, ``mean_lambda``, ``theta``, ``top_k`` (see
+        :meth:`mnnn.memory.output_cache.OutputMemory.get_stats`). With the membrane fusion only:
+        the stores' cosine-threshold hit rate and the best entry's accuracy, as before."""
         out: dict[str, Any] = {"retrieval_accuracy": self._retrieval[0] / self._retrieval[1]
                                if self._retrieval[1] else 0.0, "blocks": []}
         for block in self.blocks:
@@ -257,6 +323,13 @@ class S3CMN(TokenLM):
         mem = [b["memory"] for b in out["blocks"] if "memory" in b]
         out["memory_hit_rate"] = sum(m["hit_rate"] for m in mem) / len(mem) if mem else 0.0
         out["spike_rate"] = sum(b["spikes"]["spike_rate"] for b in out["blocks"]) / len(out["blocks"])
+        if self.output_memory is not None:
+            om = self.output_memory.get_stats()
+            out["output_memory"] = om
+            out.update(memory_hit_rate=om["hit_rate"], memory_hit_rate_chance=om["hit_rate_chance"],
+                       retrieval_accuracy=om["retrieval_accuracy"],
+                       retrieval_accuracy_chance=om["retrieval_accuracy_chance"],
+                       memory_gain_nats=om["memory_gain_nats"], mean_lambda=om["mean_lambda"])
         return out
 
     # ---- persistence ------------------------------------------------------------------------------
@@ -276,3 +349,17 @@ class S3CMN(TokenLM):
         model = cls(device=device, **meta["config"])
         model.load_state_dict(tensors)
         return model
+
+
+def _as_batch(tokens) -> torch.Tensor:
+    """A ``[B, T]`` tensor of ids; a list, NumPy array or 1-D tensor is one stream."""
+    if not isinstance(tokens, torch.Tensor):
+        import numpy as np
+
+        arr = np.asarray(tokens)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"tokens must be integer token ids, got {arr.dtype}")
+        tokens = torch.as_tensor(arr)
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    return tokens

@@ -30,11 +30,12 @@ class SSMNState(TensorState):
     attn_v: torch.Tensor  # [L, B, W, H, K]
     count: torch.Tensor  # [] positions seen
     synaptic: torch.Tensor  # [P, B, H, K, K] fast weights of the plastic blocks (W^T)
+    syn_conv: torch.Tensor  # [P, B, conv_size - 1, 3 d] delta rules: the short convolution's inputs
 
 
 class SSMNBlock(nn.Module):
     def __init__(self, d_model: int, num_heads: int, window: int, plastic: bool, eta: float, lam: float,
-                 gated: bool, reread_iterations: int):
+                 gated: bool, reread_iterations: int, plasticity_rule: str = "hebbian"):
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model)
         self.attn = WindowAttention(d_model, num_heads, window)
@@ -42,7 +43,7 @@ class SSMNBlock(nn.Module):
         if plastic:
             self.ln_syn = nn.LayerNorm(d_model)
             self.syn = SynapticMemory(d_model, num_heads, eta, lam, gated=gated,
-                                      reread_iterations=reread_iterations)
+                                      reread_iterations=reread_iterations, plasticity_rule=plasticity_rule)
         self.ln_mlp = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
 
@@ -59,8 +60,12 @@ class SSMNCore(nn.Module):
     """The stack of blocks, with the per-block states packed into one :class:`SSMNState`."""
 
     def __init__(self, d_model: int, num_layers: int, num_heads: int, window: int, eta: float, lam: float,
-                 plastic_ratio: float, gated: bool = False, reread_iterations: int = 0):
+                 plastic_ratio: float, gated: bool = False, reread_iterations: int = 0,
+                 plasticity_rule: str = "hebbian"):
         super().__init__()
+        if plasticity_rule not in ("hebbian", "delta", "gated_delta"):
+            raise ValueError(f"plasticity_rule must be 'hebbian', 'delta' or 'gated_delta', got {plasticity_rule!r}")
+        self.plasticity_rule = plasticity_rule
         if not 0.0 <= plastic_ratio <= 1.0:
             raise ValueError(f"plastic_ratio must be in [0, 1], got {plastic_ratio!r}")
         n_plastic = round(num_layers * plastic_ratio)
@@ -69,8 +74,10 @@ class SSMNCore(nn.Module):
         self.n_plastic = n_plastic
         self.window, self.num_heads, self.head_dim = window, num_heads, d_model // num_heads
         self.blocks = nn.ModuleList(
-            SSMNBlock(d_model, num_heads, window, i >= num_layers - n_plastic, eta, lam, gated, reread_iterations)
+            SSMNBlock(d_model, num_heads, window, i >= num_layers - n_plastic, eta, lam, gated, reread_iterations,
+                      plasticity_rule)
             for i in range(num_layers))
+        self.conv_size = self.synaptic_layers()[0].conv_size if n_plastic else 1
 
     def synaptic_layers(self) -> list[SynapticMemory]:
         return [b.syn for b in self.blocks if b.plastic]
@@ -85,7 +92,8 @@ class SSMNCore(nn.Module):
         return SSMNState(attn_k=w.new_zeros(L, batch_size, self.window, H, K),
                          attn_v=w.new_zeros(L, batch_size, self.window, H, K),
                          count=torch.zeros((), dtype=torch.long, device=w.device),
-                         synaptic=w.new_zeros(self.n_plastic, batch_size, H, K, K))
+                         synaptic=w.new_zeros(self.n_plastic, batch_size, H, K, K),
+                         syn_conv=w.new_zeros(self.n_plastic, batch_size, self.conv_size - 1, 3 * H * K))
 
     def forward(self, x: torch.Tensor, state: SSMNState | None = None, step: bool = False):
         """x ``[B, T, d]`` (or ``[B, d]`` with ``step``) -> (same shape, state). The given state is
@@ -97,7 +105,7 @@ class SSMNCore(nn.Module):
         shared = step and not torch.is_grad_enabled()
         if shared:
             all_k, all_v = state.attn_k.clone(), state.attn_v.clone()
-        ks, vs, syns = [], [], []
+        ks, vs, syns, convs = [], [], [], []
         p = 0
         for i, block in enumerate(self.blocks):
             if shared:
@@ -107,16 +115,18 @@ class SSMNCore(nn.Module):
             else:
                 src_k, src_v = state.attn_k[i], state.attn_v[i]
             cache = WindowCache(k=src_k, v=src_v, count=state.count)
-            syn = state.synaptic[p] if block.plastic else None
+            syn = (state.synaptic[p], state.syn_conv[p]) if block.plastic else None
             x, cache, syn = block(x, cache, syn, step=step)
             ks.append(cache.k)
             vs.append(cache.v)
             if block.plastic:
-                syns.append(syn)
+                syns.append(syn[0])
+                convs.append(syn[1])
                 p += 1
         new_k, new_v = (all_k, all_v) if shared else (torch.stack(ks), torch.stack(vs))
         synaptic = torch.stack(syns) if syns else state.synaptic
-        return x, SSMNState(attn_k=new_k, attn_v=new_v, count=cache.count, synaptic=synaptic)
+        syn_conv = torch.stack(convs) if convs else state.syn_conv
+        return x, SSMNState(attn_k=new_k, attn_v=new_v, count=cache.count, synaptic=synaptic, syn_conv=syn_conv)
 
     def stats(self, state: SSMNState) -> dict[str, float]:
         layers = self.synaptic_layers()
@@ -159,11 +169,12 @@ class SSMNNetwork(nn.Module):
 
     def __init__(self, input_dim: int, output_dim: int, hidden_dim: int = 256, window_size: int = 512,
                  plasticity_eta: float = 0.01, decay_lambda: float = 0.001, num_layers: int = 5,
-                 plastic_ratio: float = 0.2, num_heads: int = 4, importance_gating: bool = False):
+                 plastic_ratio: float = 0.2, num_heads: int = 4, importance_gating: bool = False,
+                 plasticity_rule: str = "hebbian"):
         super().__init__()
         self.inp = nn.Linear(input_dim, hidden_dim)
         self.core = SSMNCore(hidden_dim, num_layers, num_heads, window_size, plasticity_eta, decay_lambda,
-                             plastic_ratio, gated=importance_gating)
+                             plastic_ratio, gated=importance_gating, plasticity_rule=plasticity_rule)
         self.norm = nn.LayerNorm(hidden_dim)
         self.head = nn.Linear(hidden_dim, output_dim)
 
@@ -189,14 +200,16 @@ class TextNativeSSMNNetwork(TokenLM):
 
     def __init__(self, vocab_size: int, embed_dim: int = 128, hidden_dim: int = 256, window_size: int = 512,
                  plasticity_eta: float = 0.01, decay_lambda: float = 0.001, num_layers: int = 5,
-                 plastic_ratio: float = 0.2, num_heads: int = 4, reread_iterations: int = 1):
+                 plastic_ratio: float = 0.2, num_heads: int = 4, reread_iterations: int = 1,
+                 plasticity_rule: str = "hebbian"):
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, embed_dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.encoder = nn.Sequential(nn.Linear(embed_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim))
         self.core = SSMNCore(hidden_dim, num_layers, num_heads, window_size, plasticity_eta, decay_lambda,
-                             plastic_ratio, gated=True, reread_iterations=reread_iterations)
+                             plastic_ratio, gated=True, reread_iterations=reread_iterations,
+                             plasticity_rule=plasticity_rule)
         self.norm = nn.LayerNorm(hidden_dim)
         self.to_embed = nn.Linear(hidden_dim, embed_dim, bias=False)
 
@@ -232,17 +245,18 @@ class TextNativeSSMN(TextNativeSSMNNetwork):
 
     def __init__(self, vocab_size: int, embed_dim: int = 128, hidden_dim: int = 256, window_size: int = 512,
                  plasticity_eta: float = 0.01, decay_lambda: float = 0.001, num_layers: int = 5,
-                 plastic_ratio: float = 0.2, num_heads: int = 4, reread_iterations: int = 1):
+                 plastic_ratio: float = 0.2, num_heads: int = 4, reread_iterations: int = 1,
+                 plasticity_rule: str = "hebbian"):
         for name, value in (("vocab_size", vocab_size), ("embed_dim", embed_dim), ("hidden_dim", hidden_dim),
                             ("window_size", window_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         super().__init__(vocab_size, embed_dim, hidden_dim, window_size, plasticity_eta, decay_lambda,
-                         num_layers, plastic_ratio, num_heads, reread_iterations)
+                         num_layers, plastic_ratio, num_heads, reread_iterations, plasticity_rule)
         self.config = dict(vocab_size=vocab_size, embed_dim=embed_dim, hidden_dim=hidden_dim,
                            window_size=window_size, plasticity_eta=plasticity_eta, decay_lambda=decay_lambda,
                            num_layers=num_layers, plastic_ratio=plastic_ratio, num_heads=num_heads,
-                           reread_iterations=reread_iterations)
+                           reread_iterations=reread_iterations, plasticity_rule=plasticity_rule)
         self.last_state: SSMNState | None = None
 
     def _tokens(self, tokens, name: str = "tokens") -> torch.Tensor:

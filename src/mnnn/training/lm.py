@@ -23,6 +23,32 @@ from mnnn.training.checkpoint import load_checkpoint, restore, save_checkpoint
 from mnnn.training.loop import cosine_lr
 
 
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from (initialisation, data order, dropout, sampling)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _BufferSnapshot:
+    """Restores a module's buffers (episodic stores, statistics) on exit: an evaluation run in the
+    middle of training must not write validation entries into the stores training reads."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                      if k not in dict(self.model.named_parameters())}
+        return self
+
+    def __exit__(self, *exc):
+        self.model.load_state_dict(self.saved, strict=False)
+        return False
+
+
 def _fresh_streams(model: nn.Module, batch_size: int):
     """A new state, and empty episodic stores: a stream must never read its own later text."""
     if hasattr(model, "reset_memory"):
@@ -40,23 +66,50 @@ def batchify(ids: np.ndarray | torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_lm(model: nn.Module, ids, batch_size: int = 8, seq_len: int = 128) -> dict[str, float]:
+def evaluate_lm(model: nn.Module, ids, batch_size: int = 8, seq_len: int = 128,
+                progress: bool = False) -> dict[str, float]:
     """Perplexity = exp(total NLL / total predicted tokens) over the whole token sequence; every
-    token but the first of each stream is predicted once, the state carried across segments."""
+    token but the first of each stream is predicted once, the state carried across segments.
+
+    The model's statistics are reset first, so ``get_stats()`` afterwards describes this pass
+    only. A model with an output memory (``has_output_memory``) also reports ``ppl_no_memory``: the
+    perplexity of its own LM distribution on the same pass (the memory switched off)."""
     model.eval()
+    if hasattr(model, "reset_stats"):
+        model.reset_stats()
     data = batchify(ids, batch_size)
     state = _fresh_streams(model, batch_size)
-    total_nll, total = 0.0, 0
+    total_nll, total_lm, total = 0.0, 0.0, 0
     device = next(model.parameters()).device
     data = data.to(device)
-    for start in range(0, data.shape[1] - 1, seq_len):
+    with_memory = getattr(model, "has_output_memory", False)
+    starts = range(0, data.shape[1] - 1, seq_len)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(starts), desc="eval", unit="segment")
+    for start in starts:
         x = data[:, start : start + seq_len]
         y = data[:, start + 1 : start + 1 + seq_len]
         x = x[:, : y.shape[1]]
-        logits, state = model(x, state)
-        total_nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+        if with_memory:
+            nll, nll_lm, state = model.token_nll(x, y, state)
+            total_nll += float(nll.sum())
+            total_lm += float(nll_lm.sum())
+        else:
+            logits, state = model(x, state)
+            total_nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
         total += y.numel()
-    return {"nll": total_nll / total, "ppl": math.exp(total_nll / total), "tokens": total}
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    out = {"nll": total_nll / total, "ppl": math.exp(total_nll / total), "tokens": total}
+    if with_memory:
+        out.update(nll_no_memory=total_lm / total, ppl_no_memory=math.exp(total_lm / total),
+                   memory_gain_nats=(total_lm - total_nll) / total)
+    return out
 
 
 def train_lm(
@@ -78,6 +131,7 @@ def train_lm(
     checkpoint_every: int | None = None,
     resume: bool = True,
     config: dict[str, Any] | None = None,
+    max_bad_steps: int = 10,
 ) -> dict[str, Any]:
     """The one LM training loop: AdamW with warm-up and cosine decay, gradient clipping, TBPTT
     with the state carried (detached) across segments, stopping after ``max_steps`` or
@@ -88,9 +142,16 @@ def train_lm(
     optimizer, carried state, RNG, step) is written atomically every ``checkpoint_every`` steps and
     at the end, and ``curves.png`` plots the losses. With ``resume`` a run finds its checkpoint and
     continues; with ``max_steps`` the resumed run ends bitwise equal to an uninterrupted one (a
-    time budget makes the schedule depend on speed, so only max_steps runs are reproducible)."""
+    time budget makes the schedule depend on speed, so only max_steps runs are reproducible).
+
+    A step whose loss or gradient is not finite is skipped (no update) and counted
+    (``skipped_steps`` in metrics.jsonl); ``max_bad_steps`` in a row raise ``FloatingPointError``.
+    A checkpoint is only written while the weights are finite, so the last good one survives."""
     if max_steps is None and time_budget_s is None:
         raise ValueError("give max_steps or time_budget_s")
+    for name, value in (("learning_rate", learning_rate), ("grad_clip", grad_clip)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     torch.manual_seed(seed)
     import torch.distributed as dist
 
@@ -113,6 +174,7 @@ def train_lm(
     schedule_len = max_steps or max(1, int(time_budget_s * 2))  # refined after the first steps
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     state = _fresh_streams(model, batch_size)
+    with_memory = getattr(model, "has_output_memory", False)
     step = 0
     out = Path(out_dir) if out_dir is not None and rank == 0 else None  # rank 0 writes for everyone
     ckpt = out / "checkpoint.safetensors" if out is not None else None
@@ -124,7 +186,10 @@ def train_lm(
             tensors, meta = load_checkpoint(ckpt)
             state, step = restore(tensors, meta, model, opt, state)
             schedule_len = meta["extra"].get("schedule_len", schedule_len)
-            _truncate_metrics(out / "metrics.jsonl", step)
+        # lines written after the checkpoint (or by a run that never wrote one, or that we do
+        # not resume) would be written again: drop them
+        _truncate_metrics(out / "metrics.jsonl", step)
+        _truncate_metrics(out / "timing.jsonl", step)
     run_config = dict(config or {}, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
                       weight_decay=weight_decay, max_steps=max_steps, time_budget_s=time_budget_s, seed=seed)
     bar = None
@@ -137,9 +202,12 @@ def train_lm(
     history: dict[str, Any] = {"step": [], "loss": [], "tokens_per_s": [], "valid": []}
     tokens = 0
     metrics = open(out / "metrics.jsonl", "a") if out is not None else None
+    timings = open(out / "timing.jsonl", "a") if out is not None else None
+    skipped = consecutive_bad = 0
 
     def checkpoint() -> None:
-        if ckpt is not None:
+        if ckpt is not None and consecutive_bad == 0 and all(bool(torch.isfinite(p).all())
+                                                            for p in model.parameters()):
             save_checkpoint(ckpt, model, opt, state, step, run_config, {"schedule_len": schedule_len})
 
     try:
@@ -151,35 +219,60 @@ def train_lm(
             for group in opt.param_groups:
                 group["lr"] = learning_rate * cosine_lr(step, schedule_len, warmup)
             model.train()
-            logits, state = net(x, state)
+            if with_memory:  # the mixture's exact NLL, without a second T x vocab tensor
+                nll, _, state = net(x, state, targets=y)
+                loss = nll.mean()
+            else:
+                logits, state = net(x, state)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             state = state.detach()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()  # under DDP the gradients are averaged over ranks here
             if distributed:  # log the loss of the whole global batch
                 loss = loss.detach().clone()
                 dist.all_reduce(loss)
                 loss /= world
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                # a non-finite loss or gradient: the update is skipped (weights and optimizer
+                # untouched) and counted; too many in a row stops the run with the last good state
+                skipped += 1
+                consecutive_bad += 1
+                if consecutive_bad >= max_bad_steps:
+                    raise FloatingPointError(
+                        f"training diverged: {consecutive_bad} consecutive steps with a non-finite loss or "
+                        f"gradient (last loss {loss.item()}) at step {step}; the last finite checkpoint is kept"
+                        + (f" in {ckpt}" if ckpt is not None else "") + "; lower training.learning_rate")
+                opt.zero_grad(set_to_none=True)
+            else:
+                consecutive_bad = 0
+                opt.step()
             step += 1
             tokens += y.numel() * world
             elapsed = time.perf_counter() - start_time
             if time_budget_s is not None and max_steps is None and step - first_step == 5:
                 schedule_len = max(step + 1, int(time_budget_s / (elapsed / 5)))
-            record = {"step": step, "loss": loss.item(), "tokens_per_s": tokens / elapsed,
-                      "lr": opt.param_groups[0]["lr"]}
+            # metrics.jsonl holds only what the seed determines (same config, same file);
+            # wall-clock figures go to timing.jsonl
+            record = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
+            if skipped:
+                record["skipped_steps"] = skipped
+            timing = {"step": step, "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed}
             history["step"].append(step)
             history["loss"].append(record["loss"])
-            history["tokens_per_s"].append(record["tokens_per_s"])
+            history["tokens_per_s"].append(timing["tokens_per_s"])
             if valid_ids is not None and eval_every and step % eval_every == 0:
-                record["valid_ppl"] = evaluate_lm(model, valid_ids, batch_size=min(4, batch_size), seq_len=seq_len)["ppl"]
+                with _BufferSnapshot(model):
+                    record["valid_ppl"] = evaluate_lm(model, valid_ids, batch_size=min(4, batch_size),
+                                                      seq_len=seq_len, progress=False)["ppl"]
                 history["valid"].append((step, record["valid_ppl"]))
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                timings.write(json.dumps(timing) + "\n")
+                timings.flush()
             if bar is not None:
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{timing['tokens_per_s']:.0f}")
                 bar.update(1)
             if checkpoint_every and step % checkpoint_every == 0:
                 checkpoint()
@@ -189,6 +282,7 @@ def train_lm(
     finally:
         if metrics is not None:
             metrics.close()
+            timings.close()
         if bar is not None:
             bar.close()
     history["steps"] = step
@@ -203,7 +297,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    lines = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            continue
+        if isinstance(row, dict) and row.get("step", step + 1) <= step:
+            lines.append(ln)
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
 
 
@@ -214,7 +315,12 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    rows = []
+    for ln in Path(metrics_path).read_text().splitlines():
+        try:
+            rows.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -44,7 +44,11 @@ def s4d_naive(u: torch.Tensor, Abar, Bbar, C, D, h0: torch.Tensor | None = None)
 def s4d_fft(u: torch.Tensor, Abar, Bbar, C, D, h0: torch.Tensor | None = None):
     """Same contract as :func:`s4d_naive`, by FFT convolution."""
     Bsz, T, H = u.shape
-    powers = Abar[:, :, None] ** torch.arange(T, device=u.device)  # [H, N, T] Vandermonde
+    # [H, N, T] Vandermonde Abar^t = |Abar|^t e^{i t arg Abar}: real exp/cos/sin (polar) cost a
+    # fifth of a complex pow
+    z = torch.log(Abar)[:, :, None]
+    t = torch.arange(T, device=u.device, dtype=z.real.dtype)
+    powers = torch.polar(torch.exp(z.real * t), z.imag * t)
     K = 2.0 * torch.einsum("hn,hnt->ht", C * Bbar, powers).real  # [H, T]
     n = 2 * T
     y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=n) * torch.fft.rfft(K, n=n), n=n)[..., :T]

@@ -1,0 +1,201 @@
+"""Output memory: a per-stream continuous cache mixed into the next-token distribution.
+
+Each stream keeps the last ``memory_size`` pairs (key ``k_i`` = its own feature vector at position
+``i``, value = the token that followed, ``x_{i+1}``) in a ring buffer carried in the recurrent
+state. At position ``t`` the candidates are the ring's entries and the current segment's positions
+``i < t`` (whose next token ``x_{i+1}`` is already an input); with ``q_t`` the feature at ``t``:
+
+.. math::
+    w_i \\propto \\exp(\\theta \\cos(q_t, k_i)) \\text{ over the top-}k\\text{ candidates}, \\qquad
+    p_{mem}(w) = \\sum_{i: x_{i+1} = w} w_i, \\\\
+    \\lambda_t = \\sigma(g^\\top q_t + b), \\qquad
+    p(w) = (1 - \\lambda_t)\\, p_{LM}(w) + \\lambda_t\\, p_{mem}(w)
+
+(Grave et al. 2017's continuous cache; kNN-LM's mixture). ``theta``, ``g`` and ``b`` are learned
+(``lambda`` starts small); the mixture is computed in log space, so the log-probabilities are
+exact. A position with no candidate uses ``p_LM`` alone. Because the cache lives in the state,
+streams never see each other, a stream's result does not depend on the batch it is in, and an
+evaluation (its own fresh state) never writes into what training reads. Eviction is FIFO: the
+oldest entry goes first, which is what a cache of recent context needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnnn.state import TensorState
+
+_TINY = 1e-30  # log(p_mem) where no candidate holds the token: a finite stand-in for log 0
+
+
+@dataclasses.dataclass
+class CacheState(TensorState):
+    keys: torch.Tensor  # [B, M, D] unit keys (ring buffer)
+    values: torch.Tensor  # [B, M] next-token ids
+    count: torch.Tensor  # [] entries written so far (slot of the next write: count % M)
+    last_key: torch.Tensor  # [B, D] key of the previous position, waiting for its next token
+    has_last: torch.Tensor  # [] 1 once a previous position exists
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+class OutputMemory(nn.Module):
+    """See the module docstring. ``dim``: feature size; ``memory_size``: entries per stream;
+    ``top_k``: candidates read per position; ``theta``: initial inverse temperature of the cosine
+    scores; ``lambda_init``: initial mixture weight."""
+
+    def __init__(self, dim: int, memory_size: int = 2048, top_k: int = 32, theta: float = 10.0,
+                 lambda_init: float = 0.05):
+        super().__init__()
+        for name, value in (("dim", dim), ("memory_size", memory_size), ("top_k", top_k)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (math.isfinite(theta) and theta > 0):
+            raise ValueError(f"theta must be a finite number > 0, got {theta!r}")
+        if not 0 < lambda_init < 1:
+            raise ValueError(f"lambda_init must be in (0, 1), got {lambda_init!r}")
+        self.dim, self.memory_size, self.top_k = dim, memory_size, top_k
+        self.log_theta = nn.Parameter(torch.tensor(math.log(theta)))
+        self.gate = nn.Linear(dim, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, math.log(lambda_init / (1 - lambda_init)))
+        self.enabled = True
+        self.reset_stats()
+
+    @property
+    def theta(self) -> float:
+        return float(self.log_theta.detach().exp())
+
+    def init_state(self, batch_size: int) -> CacheState:
+        w = self.gate.weight
+        zero = torch.zeros((), dtype=torch.long, device=w.device)
+        return CacheState(keys=w.new_zeros(batch_size, self.memory_size, self.dim),
+                          values=torch.zeros(batch_size, self.memory_size, dtype=torch.long, device=w.device),
+                          count=zero, last_key=w.new_zeros(batch_size, self.dim), has_last=zero.clone())
+
+    # ---- statistics --------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self._stats = dict.fromkeys(("positions", "reads", "hits", "hits_chance", "best", "best_chance",
+                                     "lambda", "nll", "nll_lm"), 0.0)
+
+    def get_stats(self) -> dict[str, float]:
+        """Over the positions scored with targets since :meth:`reset_stats`:
+
+        - ``hit_rate``: reads whose top-k candidates hold the true next token (recall@k);
+          ``hit_rate_chance``: the same for k candidates drawn at random from the read's store;
+        - ``retrieval_accuracy``: the best-weighted candidate's token is the true next token;
+          ``retrieval_accuracy_chance``: a random candidate's token is;
+        - ``memory_gain_nats``: mean NLL without the memory minus with it (same pass);
+        - ``mean_lambda``, ``theta``, ``top_k``; ``reads`` (positions with a candidate)."""
+        s = self._stats
+        reads, n = max(s["reads"], 1.0), max(s["positions"], 1.0)
+        return {"hit_rate": s["hits"] / reads, "hit_rate_chance": s["hits_chance"] / reads,
+                "retrieval_accuracy": s["best"] / reads, "retrieval_accuracy_chance": s["best_chance"] / reads,
+                "memory_gain_nats": (s["nll_lm"] - s["nll"]) / n, "mean_lambda": s["lambda"] / n,
+                "theta": self.theta, "top_k": self.top_k, "reads": int(s["reads"])}
+
+    # ---- the cache ---------------------------------------------------------------------------------
+    def _push(self, keys, values, new_k, new_v, count):
+        """Write ``new_k [B, n, D]``, ``new_v [B, n]`` at the ring's next slots (out of place)."""
+        n, M = new_k.shape[1], self.memory_size
+        if n == 0:
+            return keys, values, count
+        if n > M:
+            new_k, new_v, count, n = new_k[:, -M:], new_v[:, -M:], count + (n - M), M
+        slots = (count + torch.arange(n, device=keys.device)) % M
+        keys = keys.index_copy(1, slots, new_k.to(keys.dtype))
+        values = values.index_copy(1, slots, new_v)
+        return keys, values, count + n
+
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor, state: CacheState,
+                targets: torch.Tensor | None = None):
+        """feats ``[B, T, D]``, tokens ``[B, T]`` (the inputs), logits ``[B, T, V]`` of the LM.
+
+        Without ``targets``: ``(log_probs [B, T, V], state)`` of the mixture. With ``targets``
+        ``[B, T]``: ``((nll, nll_lm) each [B, T], state)`` — the mixture's and the LM's own NLL of
+        the targets, without building a second ``[B, T, V]`` tensor."""
+        dt = torch.promote_types(logits.dtype, torch.float32)  # half logits are mixed in float32
+        lp_lm = F.log_softmax(logits.to(dt), dim=-1)
+        if not self.enabled:  # reads and writes off: the LM alone, the cache untouched
+            if targets is None:
+                return lp_lm, state
+            nll_lm = -lp_lm.gather(-1, targets[..., None])[..., 0]
+            return (nll_lm, nll_lm), state
+        B, T, D = feats.shape
+        if not torch.is_grad_enabled() and not bool(torch.isfinite(feats).all()):
+            raise ValueError("output memory: the query/key features hold NaN or infinity")
+        q = F.normalize(feats.to(dt), dim=-1)
+        keys, values, count = state.keys, state.values, state.count
+        if int(state.has_last):  # the previous segment's last position now has its next token
+            keys, values, count = self._push(keys, values, state.last_key[:, None], tokens[:, :1], count)
+        M = self.memory_size
+        c = int(count)  # = absolute position of this segment's first token: entry e is (k_e, x_{e+1})
+        filled = min(c, M)
+        theta = self.log_theta.exp()
+        # candidates: the ring's filled slots, then this segment's positions i < t; position t
+        # reads exactly the M entries before it, however the stream is cut into segments
+        t = torch.arange(T, device=q.device)
+        slot = torch.arange(filled, device=q.device)
+        entry = c - 1 - ((c - 1 - slot) % M)  # absolute index held by each ring slot
+        ring_ok = t[:, None] <= entry[None, :] + M - c  # [T, filled]
+        ring_scores = (q @ keys[:, :filled].transpose(1, 2)).masked_fill(~ring_ok, float("-inf"))
+        i = torch.arange(max(T - 1, 0), device=q.device)
+        seg_ok = (i[None, :] < t[:, None]) & (t[:, None] - i[None, :] <= M)  # [T, T-1]
+        seg_scores = (q @ q[:, : T - 1].transpose(1, 2)).masked_fill(~seg_ok, float("-inf"))
+        scores = torch.cat([ring_scores, seg_scores], dim=-1)
+        cand_values = torch.cat([values[:, :filled], tokens[:, 1:]], dim=1)  # [B, C]
+        C = scores.shape[-1]
+        if C == 0:
+            out = lp_lm if targets is None else (-lp_lm.gather(-1, targets[..., None])[..., 0],) * 2
+        else:
+            k = min(self.top_k, C)
+            top, idx = scores.topk(k, dim=-1)  # [B, T, k]
+            valid = torch.isfinite(top)
+            ids = cand_values[:, None, :].expand(B, T, C).gather(-1, idx)
+            w = torch.softmax((theta * top.masked_fill(~valid, 0.0)).masked_fill(~valid, -1e4), dim=-1) * valid
+            has = valid[..., 0]  # a position with no candidate keeps p_LM alone
+            a = self.gate(feats).squeeze(-1).to(dt)
+            log_lam, log_1m = F.logsigmoid(a), F.logsigmoid(-a)
+            if targets is None:
+                p_mem = torch.zeros_like(lp_lm).scatter_add_(-1, ids, w)
+                mixed = torch.logaddexp(log_1m[..., None] + lp_lm, log_lam[..., None] + p_mem.clamp_min(_TINY).log())
+                out = torch.where(has[..., None], mixed, lp_lm)
+            else:
+                lp_y = lp_lm.gather(-1, targets[..., None])[..., 0]
+                p_mem_y = (w * (ids == targets[..., None])).sum(-1)
+                mixed = torch.logaddexp(log_1m + lp_y, log_lam + p_mem_y.clamp_min(_TINY).log())
+                nll = -torch.where(has, mixed, lp_y)
+                out = (nll, -lp_y)
+                self._record(scores, cand_values, ids, w, valid, has, targets, log_lam, nll, -lp_y)
+        last = q[:, -1]
+        keys, values, count = self._push(keys, values, q[:, : T - 1], tokens[:, 1:], count)
+        new = CacheState(keys=keys, values=values, count=count, last_key=last,
+                         has_last=torch.ones((), dtype=torch.long, device=q.device))
+        return out, new
+
+    @torch.no_grad()
+    def _record(self, scores, cand_values, ids, w, valid, has, targets, log_lam, nll, nll_lm) -> None:
+        s = self._stats
+        B, T, C = scores.shape
+        cand_ok = torch.isfinite(scores)  # [B, T, C]
+        n_cand = cand_ok.sum(-1).float()
+        match = ((cand_values[:, None, :] == targets[..., None]) & cand_ok).sum(-1).float()
+        frac = torch.where(has, match / n_cand.clamp_min(1), torch.zeros_like(match))
+        k_eff = valid.sum(-1).float()
+        hit = ((ids == targets[..., None]) & valid).any(-1) & has
+        best = (ids.gather(-1, w.argmax(-1, keepdim=True))[..., 0] == targets) & has
+        s["positions"] += B * T
+        s["reads"] += float(has.sum())
+        s["hits"] += float(hit.sum())
+        s["hits_chance"] += float((1 - (1 - frac).pow(k_eff))[has].sum())
+        s["best"] += float(best.sum())
+        s["best_chance"] += float(frac[has].sum())
+        s["lambda"] += float(torch.where(has, log_lam.exp(), torch.zeros_like(log_lam)).sum())
+        s["nll"] += float(nll.sum())
+        s["nll_lm"] += float(nll_lm.sum())
