@@ -1,7 +1,47 @@
-"""mnnn: Memory-Native Neural Networks."""
+"""mnnn: Memory-Native Neural Networks.
+
+Every public class and function of the seeds is importable from here; the heavier ones load on
+first use (``import mnnn`` stays fast and does not need transformers)::
+
+    from mnnn import AMRC, PMRC, AMN, create_model                     # seeds/003 (MNNN API)
+    from mnnn import SparseStreamMemoryNetwork, TextNativeSSMN          # seeds/002 (SSMN)
+    from mnnn import S3CMN, Memory, SpikingLayer                        # seeds/000-001 (S3CMN)
+    from mnnn import CMRModel, CMRConfig                                # seeds/004 (CMR)
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from mnnn.estimators import AMN, AMRC, PMRC, create_model
 
 __version__ = "0.1.0"
 
-__all__ = ["AMN", "AMRC", "PMRC", "__version__", "create_model"]
+_LAZY = {
+    "SparseStreamMemoryNetwork": "mnnn.estimators",
+    "LSTMRegressor": "mnnn.estimators",
+    "GRURegressor": "mnnn.estimators",
+    "TextNativeSSMN": "mnnn.models.ssmn",
+    "S3CMN": "mnnn.models.s3cmn",
+    "Memory": "mnnn.memory",
+    "OutputMemory": "mnnn.memory.output_cache",
+    "OutputMemoryLM": "mnnn.models.memory_lm",
+    "SpikingLayer": "mnnn.layers.spiking",
+    "SynapticMemory": "mnnn.layers.synaptic",
+    "CMRModel": "mnnn.models.cmr",
+    "CMRConfig": "mnnn.models.cmr",
+}
+
+__all__ = ["AMN", "AMRC", "PMRC", "__version__", "create_model", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mnnn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

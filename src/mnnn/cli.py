@@ -15,7 +15,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from mnnn.bench import SUITES, get_suite
+    from mnnn.bench.common import git_state
 
+    git_state()  # the revision and dirtiness of the code as it is loaded now, before any suite runs
     names = list(SUITES) if args.suite == "all" else [args.suite]
     failed = False
     for name in names:

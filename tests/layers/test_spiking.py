@@ -78,3 +78,23 @@ def test_bad_arguments():
         SpikingLayer(2, 2, beta=1.5)
     with pytest.raises(ValueError, match="shape"):
         SpikingLayer(2, 2)(torch.zeros(3, 2))
+
+
+def test_statistics_take_constant_memory_and_stay_exact():
+    """Spike statistics are running sums: 500 step calls leave no per-call record behind, and the
+    mean first-spike step equals the one computed from the recorded spikes."""
+    import torch
+
+    from mnnn.layers.spiking import SpikingLayer
+
+    torch.manual_seed(0)
+    layer = SpikingLayer(4, 6)
+    x = torch.randn(2, 9, 4) * 3
+    spikes, _ = layer(x)
+    fired = spikes.any(1)
+    expected = spikes.argmax(1).float()[fired].mean()
+    assert abs(layer.get_stats()["first_spike_time"] - float(expected)) < 1e-6
+    state = layer.init_state(2)
+    for _ in range(500):
+        _, state = layer.step(torch.randn(2, 4), state)
+    assert not any(isinstance(v, (list, dict)) and len(v) > 10 for v in vars(layer).values())

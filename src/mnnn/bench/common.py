@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import statistics
@@ -29,18 +30,9 @@ def median_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> tup
 
 
 def provenance(config: dict[str, Any]) -> dict[str, Any]:
-    """What is needed to trace and rerun a result: config, git revision, machine, date."""
-    here = Path(__file__).parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=here, timeout=10).stdout.strip() or None
-        # dirty: the package's own sources differ from that revision (results are not reproducible
-        # from it); untracked files elsewhere do not count
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
-                                capture_output=True, text=True, cwd=here.parent, timeout=10).stdout
-        dirty = bool(status.strip()) if rev else None
-    except (OSError, subprocess.SubprocessError):
-        rev, dirty = None, None
+    """What is needed to trace and rerun a result: config, git revision (and whether the package's
+    sources differed from it when this process started: ``dirty``), command, machine, date."""
+    rev, dirty = git_state()
     import sys
 
     return {
@@ -56,6 +48,24 @@ def provenance(config: dict[str, Any]) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
         },
     }
+
+
+@functools.lru_cache(maxsize=1)
+def git_state() -> tuple[str | None, bool | None]:
+    """(revision, dirty) of the code this process runs, read once: the CLI calls it before a
+    suite starts, so an edit made while a long suite runs does not change what it records."""
+    here = Path(__file__).parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=here, timeout=10).stdout.strip() or None
+        # dirty: the package's own sources differ from that revision (results are not reproducible
+        # from it); untracked files elsewhere do not count
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                capture_output=True, text=True, cwd=here.parent, timeout=10).stdout
+        dirty = bool(status.strip()) if rev else None
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = None, None
+    return rev, dirty
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:

@@ -68,7 +68,8 @@ class SpikingLayer(nn.Module):
         """Clear the accumulated spike statistics."""
         self._spike_sum = None  # [out] spikes per neuron
         self._steps = 0  # time steps x batch seen
-        self._first_spike: list[torch.Tensor] = []
+        # running sums, not a list per call: statistics take O(1) memory however long a stream runs
+        self._first_sum, self._first_count = 0.0, 0
 
     def input_current(self, x: torch.Tensor) -> torch.Tensor:
         current = self.fc(x)
@@ -110,8 +111,9 @@ class SpikingLayer(nn.Module):
         self._spike_sum = total if self._spike_sum is None else self._spike_sum + total
         self._steps += B * T
         fired = spikes.any(dim=1)  # [B, F]
-        first = spikes.argmax(dim=1).float().masked_fill(~fired, float("nan"))
-        self._first_spike.append(first.reshape(-1))
+        first = spikes.argmax(dim=1).float()
+        self._first_sum += float(first[fired].sum())
+        self._first_count += int(fired.sum())
 
     def get_stats(self) -> dict[str, object]:
         """spike_rate (spikes per neuron per step), per-neuron rate quantiles, first_spike_time
@@ -121,13 +123,11 @@ class SpikingLayer(nn.Module):
             return {"spike_rate": 0.0, "spikes_per_token": 0.0, "silent_fraction": 1.0, "steps": 0,
                     "first_spike_time": float("nan"), "rate_quantiles": {}}
         rates = self._spike_sum / self._steps
-        first = torch.cat(self._first_spike)
-        first = first[~first.isnan()]
         qs = torch.quantile(rates.float(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float32))
         return {
             "spike_rate": float(rates.mean()),
             "rate_quantiles": {"p10": float(qs[0]), "p50": float(qs[1]), "p90": float(qs[2])},
-            "first_spike_time": float(first.mean()) if first.numel() else float("nan"),
+            "first_spike_time": self._first_sum / self._first_count if self._first_count else float("nan"),
             "spikes_per_token": float(self._spike_sum.sum() / self._steps),
             "silent_fraction": float((self._spike_sum == 0).float().mean()),
             "steps": self._steps,
