@@ -305,3 +305,32 @@ def test_validation_split_records_history(xy):
     X, y = xy
     model = GRURegressor(hidden_size=8, random_state=0).fit(X, y, epochs=3, validation_split=0.2)
     assert len(model.history_["val_loss"]) == 3 and len(model.history_["train_loss"]) == 3
+
+
+@pytest.mark.parametrize("rule", ["hebbian", "delta"])
+def test_ssmn_memory_state_round_trip_restores_predictions(rule):
+    """The SSMN's state (stacked ring buffers, a 0-dim position counter, fast weights, the delta
+    rule's convolution inputs) survives get/set exactly: the same predictions afterwards."""
+    from mnnn import SparseStreamMemoryNetwork
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(80, 3)), rng.normal(size=(80, 1))
+    model = SparseStreamMemoryNetwork(hidden_dim=16, window_size=8, num_layers=2, num_heads=2, random_state=0,
+                                      plasticity_rule=rule).fit(X, y, epochs=2)
+    snap = model.get_memory_state()
+    first = model.predict(X[:10])
+    model.set_memory_state(snap)
+    np.testing.assert_array_equal(model.predict(X[:10]), first)
+    with pytest.raises(ValueError, match="memory must have shape"):
+        model.set_memory_state(snap[:-1])
+
+
+def test_create_model_speaks_both_vocabularies():
+    from mnnn import create_model
+
+    ssmn = create_model("ssmn", input_size=3, hidden_size=16, output_size=1)
+    assert (ssmn.input_dim, ssmn.hidden_dim, ssmn.output_dim) == (3, 16, 1)
+    amrc = create_model("amrc", input_dim=3, hidden_dim=16, output_dim=2)
+    assert (amrc.input_size, amrc.hidden_size, amrc.output_size) == (3, 16, 2)
+    with pytest.raises(ValueError, match="got both"):
+        create_model("amn", input_size=3, input_dim=4)

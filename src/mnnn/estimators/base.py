@@ -303,7 +303,9 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
         as real and imaginary parts; the manifold is read with ``get_manifold_state``).
         ``set_memory_state`` of this vector restores the model exactly."""
         check_is_fitted(self, "network_")
-        parts = [torch.view_as_real(v[0]).T.reshape(-1) if v.is_complex() else v[0].reshape(-1)
+        # the estimator's memory is one stream (batch 1), so each state tensor is flattened whole
+        # (this also covers layouts whose batch axis is not the first, and 0-dim counters)
+        parts = [torch.view_as_real(v.reshape(-1)).T.reshape(-1) if v.is_complex() else v.reshape(-1).double()
                  for v in self._memory_parts().values()]
         return torch.cat(parts).detach().cpu().numpy().astype(np.float32)
 
@@ -312,7 +314,7 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
         check_is_fitted(self, "network_")
         arr = np.asarray(memory, dtype=np.float32).reshape(-1)
         parts = self._memory_parts()
-        sizes = [v[0].numel() * (2 if v.is_complex() else 1) for v in parts.values()]
+        sizes = [v.numel() * (2 if v.is_complex() else 1) for v in parts.values()]
         if arr.shape[0] != sum(sizes):
             raise ValueError(f"memory must have shape ({sum(sizes)},), got {np.shape(memory)}")
         if not np.isfinite(arr).all():
@@ -320,6 +322,8 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
         tensors = self._memory.tensors()
         for (name, current), chunk in zip(parts.items(), torch.split(torch.from_numpy(arr), sizes)):
             value = torch.complex(*chunk.view(2, -1)) if current.is_complex() else chunk
+            if not (current.is_floating_point() or current.is_complex()):
+                value = value.round()  # counters travel as floats
             tensors[name] = value.to(current.dtype).reshape(current.shape).to(current.device)
         self._memory = type(self._memory).from_tensors(tensors)
 
