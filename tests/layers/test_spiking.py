@@ -77,7 +77,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="beta"):
         SpikingLayer(2, 2, beta=1.5)
     with pytest.raises(ValueError, match="shape"):
-        SpikingLayer(2, 2)(torch.zeros(3, 2))
+        SpikingLayer(2, 2)(torch.zeros(3, 5))  # [B, F] is one step; F must be in_features
 
 
 def test_statistics_take_constant_memory_and_stay_exact():
@@ -98,3 +98,27 @@ def test_statistics_take_constant_memory_and_stay_exact():
     for _ in range(500):
         _, state = layer.step(torch.randn(2, 4), state)
     assert not any(isinstance(v, (list, dict)) and len(v) > 10 for v in vars(layer).values())
+
+
+def test_one_step_input_and_kept_membrane():
+    """[B, F] is one time step; with init_hidden=True calls without a state continue the membrane
+    (== one call over the whole sequence) until reset_state()."""
+    import torch
+
+    from mnnn.layers.spiking import SpikingLayer
+
+    torch.manual_seed(0)
+    layer = SpikingLayer(4, 6, init_hidden=True)
+    x = torch.randn(2, 7, 4) * 2
+    whole, _ = layer(x)
+    layer.reset_state()
+    steps = torch.stack([layer(x[:, t])[0] for t in range(7)], 1)
+    assert torch.equal(steps, whole)
+    layer.reset_state()
+    first, _ = layer(x[:, 0])
+    assert torch.equal(first, whole[:, 0])
+    fresh = SpikingLayer(4, 6)
+    fresh.load_state_dict(layer.state_dict())
+    a, _ = fresh(x[:, :3])
+    b, _ = fresh(x[:, :3])
+    assert torch.equal(a, b)  # without init_hidden every call starts from zero

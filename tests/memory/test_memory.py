@@ -215,3 +215,18 @@ def test_groups_isolate_streams():
     q = torch.randn(1, 4, requires_grad=True)
     m.search(q, 3, group=torch.tensor([7])).values.sum().backward()
     assert not torch.isnan(q.grad).any()
+
+
+def test_array_likes_are_accepted_and_complex_refused():
+    import numpy as np
+
+    from mnnn.memory import Memory
+
+    mem = Memory(16, 4, compressed_dim=4, quantize=False)
+    keys = np.eye(4)
+    mem.add_to_memory(keys, keys * 2)  # float64 NumPy in, stored in the default dtype
+    assert len(mem) == 4
+    np.testing.assert_allclose(mem.get_memory([[1.0, 0, 0, 0]], top_k=1).detach().numpy(), [[2.0, 0, 0, 0]], atol=1e-6)
+    assert mem.get_memory(torch.eye(4, dtype=torch.float64)[:1], top_k=1).shape == (1, 4)  # any float dtype
+    with pytest.raises(TypeError, match="real numbers"):
+        mem.add_to_memory(np.eye(4) * 1j, np.eye(4))

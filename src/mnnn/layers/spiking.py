@@ -40,8 +40,10 @@ class SpikingLayer(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, memory: Memory | None = None,
                  beta: float = 0.95, threshold: float = 1.0, spike_grad: str = "fast_sigmoid",
-                 reset: Literal["subtract", "zero"] = "subtract", memory_top_k: int = 5):
+                 reset: Literal["subtract", "zero"] = "subtract", memory_top_k: int = 5,
+                 init_hidden: bool = False):
         super().__init__()
+        self.init_hidden = bool(init_hidden)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta!r}")
         if not threshold > 0:
@@ -65,7 +67,8 @@ class SpikingLayer(nn.Module):
         return SpikingState(u=self.fc.weight.new_zeros(batch_size, self.out_features))
 
     def reset_state(self) -> None:
-        """Clear the accumulated spike statistics."""
+        """Clear the accumulated spike statistics and (``init_hidden``) the kept membrane."""
+        self._hidden: SpikingState | None = None
         self._spike_sum = None  # [out] spikes per neuron
         self._steps = 0  # time steps x batch seen
         # running sums, not a list per call: statistics take O(1) memory however long a stream runs
@@ -81,16 +84,31 @@ class SpikingLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: SpikingState | None = None,
                 extra_current: torch.Tensor | None = None):
-        """x ``[B, T, in_features]`` -> (spikes ``[B, T, out_features]``, state). ``extra_current``
-        ``[B, T, out_features]`` is added to the membrane input (how a model fuses its own read)."""
+        """x ``[B, T, in_features]`` -> (spikes ``[B, T, out_features]``, state); x ``[B, in_features]``
+        is one time step (spikes ``[B, out_features]``). ``extra_current`` (same leading shape,
+        ``out_features``) is added to the membrane input (how a model fuses its own read).
+
+        With ``init_hidden=True`` (snnTorch's behaviour, the seed's stateful layer) a call without
+        ``state`` continues from the membrane the previous call left (``reset_state()`` clears
+        it); otherwise it starts from zero. An explicit ``state`` always wins."""
+        if x.dim() == 2 and x.shape[-1] == self.in_features:
+            extra = None if extra_current is None else extra_current[:, None]
+            spikes, state = self.forward(x[:, None], state, extra)
+            return spikes[:, 0], state
         if x.dim() != 3 or x.shape[-1] != self.in_features:
-            raise ValueError(f"expected x of shape [B, T, {self.in_features}], got {tuple(x.shape)}")
-        state = self.init_state(x.shape[0]) if state is None else state
+            raise ValueError(f"expected x of shape [B, T, {self.in_features}] or [B, {self.in_features}], "
+                             f"got {tuple(x.shape)}")
+        keep = state is None and self.init_hidden
+        if state is None:
+            hidden = self._hidden if keep else None
+            state = hidden if hidden is not None and hidden.u.shape[0] == x.shape[0] else self.init_state(x.shape[0])
         current = self.input_current(x)
         if extra_current is not None:
             current = current + extra_current
         spikes, _, u = lif(current, state.u, self.beta, self.threshold, self.spike_grad, self.reset)
         self._accumulate(spikes.detach())
+        if keep:
+            self._hidden = SpikingState(u=u)
         return spikes, SpikingState(u=u)
 
     def step(self, x_t: torch.Tensor, state: SpikingState):

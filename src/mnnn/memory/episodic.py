@@ -181,9 +181,27 @@ class Memory(nn.Module):
         return bytes_per_row(self.embedding_dim, self.bits) + value_bytes
 
     # ---- writes -----------------------------------------------------------------------------------
-    def _check(self, x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+    @staticmethod
+    def _as_tensor(x, name: str) -> torch.Tensor:
+        """Tensors pass; NumPy arrays and nested lists become tensors (floats in the default
+        dtype, integers as int64); complex, boolean and object data are refused."""
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+            import numpy as np
+
+            try:
+                arr = np.asarray(x)
+            except (ValueError, TypeError) as err:
+                raise TypeError(f"{name} must be a tensor or an array-like of numbers, got {type(x).__name__}") from err
+            if arr.dtype.kind not in "iuf":
+                raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+            x = torch.as_tensor(arr)
+            x = x.to(torch.get_default_dtype()) if x.is_floating_point() else x.long()
+        if x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        return x
+
+    def _check(self, x: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+        x = self._as_tensor(x, name)
         if x.dim() == 1:
             x = x[None]
         if x.dim() != 2 or x.shape[1] != dim:
@@ -200,6 +218,7 @@ class Memory(nn.Module):
         In distributed mode every rank passes the same batch and keeps entries ``i`` with
         ``(writes + i) % world_size == rank``."""
         x = self._check(x, "x", self.embedding_dim)
+        y = self._as_tensor(y, "y")
         if y.dim() == 1 and not y.is_floating_point():
             y = y[:, None]
         y = self._check(y, "y", self.value_dim)
@@ -341,6 +360,9 @@ class Memory(nn.Module):
         if not isinstance(top_k, int) or top_k <= 0:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         query = self._check(query, "query", self.embedding_dim)
+        if not query.is_floating_point():
+            raise TypeError(f"query must hold floats, got dtype {query.dtype}")
+        query = query.to(self.proj.weight.dtype)  # float64 / float16 queries are cast, not a matmul error
         pq = self.proj(query)  # [N, c]
         scale = 1.0 / math.sqrt(self.compressed_dim)
         n_local = len(self)
