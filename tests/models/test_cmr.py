@@ -6,7 +6,7 @@ transformers = pytest.importorskip("transformers")
 
 from mnnn.memory.layered import LayeredMemoryBuffer  # noqa: E402
 from mnnn.memory.retrieval import Retriever  # noqa: E402
-from mnnn.models.cmr import CMRConfig, CMRModel, find_blocks, train_cmr  # noqa: E402
+from mnnn.models.cmr import CMRConfig, CMRModel, FullCMRModel, IntegratedCMRModel, find_blocks, train_cmr  # noqa: E402
 
 
 def tiny_gpt2():
@@ -36,9 +36,11 @@ def _open_gates(model, value=2.0):
             r.gate.fill_(value)
 
 
+@pytest.mark.parametrize("mode", ["token", "segment"])
 @pytest.mark.parametrize("base", sorted(BASES))
-def test_untrained_cmr_equals_base(base):
-    model = CMRModel(BASES[base](), {"relevance_threshold": 0.0, "similarity_threshold": -1.0})
+def test_untrained_cmr_equals_base(base, mode):
+    model = CMRModel(BASES[base](), {"relevance_threshold": 0.0, "similarity_threshold": -1.0,
+                                     "retrieval_mode": mode})
     s1, s2 = _segments()
     with torch.no_grad():
         model(s1)
@@ -50,10 +52,12 @@ def test_untrained_cmr_equals_base(base):
     torch.testing.assert_close(off, ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["token", "segment"])
 @pytest.mark.parametrize("base", sorted(BASES))
 @pytest.mark.parametrize("j", [0, 7, 15])
-def test_causal_with_memory(base, j):
-    model = CMRModel(BASES[base](), {"relevance_threshold": 0.0, "similarity_threshold": -1.0})
+def test_causal_with_memory(base, j, mode):
+    model = CMRModel(BASES[base](), {"relevance_threshold": 0.0, "similarity_threshold": -1.0,
+                                     "retrieval_mode": mode})
     _open_gates(model)
     s1, s2 = _segments()
     with torch.no_grad():
@@ -71,15 +75,148 @@ def test_causal_with_memory(base, j):
     assert (a[:, j] - b[:, j]).abs().max() > 0
 
 
+@pytest.mark.parametrize("mode", ["token", "segment"])
 @pytest.mark.parametrize("strategy", ["semantic", "contextual", "multi_criteria", "hierarchical"])
-def test_every_retrieval_strategy_reads_memory(strategy):
-    model = CMRModel(tiny_gpt2(), {"retrieval_strategy": strategy, "similarity_threshold": -1.0,
+def test_every_retrieval_strategy_reads_memory(strategy, mode):
+    model = CMRModel(tiny_gpt2(), {"retrieval_strategy": strategy, "similarity_threshold": -1.0, "retrieval_mode": mode,
                                    "relevance_threshold": 0.0, "retrieval_budget": 5, "max_clusters": 3})
     s1, s2 = _segments()
     with torch.no_grad():
         model(s1)
         info = model(s2, return_memory_info=True)["memory_info"]
-    assert info["retrieved_entries"] == 2 * 2 * 5  # 2 layers x 2 streams x budget
+    per_read = 2 * 16 if mode == "token" else 2  # token mode: every position of both streams reads
+    assert info["retrieved_entries"] == 2 * per_read * 5  # 2 layers x reads x budget
+
+
+def _stream_outputs(model, segs):
+    model.reset_memory()
+    with torch.no_grad():
+        for s in segs[:-1]:
+            model(s)
+        return model(segs[-1]).logits
+
+
+@pytest.mark.parametrize("strategy", ["semantic", "contextual", "multi_criteria", "hierarchical"])
+def test_token_retrieval_isolates_streams_and_ignores_batch_size(strategy):
+    # capacity 20 per stream and layer with 16 entries written per segment: eviction is active
+    model = CMRModel(tiny_gpt2(), {"retrieval_strategy": strategy, "similarity_threshold": -1.0,
+                                   "relevance_threshold": 0.0, "retrieval_budget": 6, "max_clusters": 3,
+                                   "max_entries_per_layer": 20})
+    _open_gates(model)
+    g = torch.Generator().manual_seed(5)
+    segs = [torch.randint(0, 64, (3, 16), generator=g) for _ in range(4)]
+    full = _stream_outputs(model, segs)
+    assert model.buffer.evictions > 0
+    other = [s.clone() for s in segs]
+    for s in other:
+        s[1:] = torch.randint(0, 64, s[1:].shape, generator=g)  # streams 1 and 2 change everywhere
+    torch.testing.assert_close(_stream_outputs(model, other)[0], full[0], rtol=0, atol=1e-5)
+    alone = _stream_outputs(model, [s[1:2] for s in segs])  # stream 1 read alone
+    torch.testing.assert_close(alone[0], full[1], rtol=0, atol=1e-5)
+    assert (full - model.base(input_ids=segs[-1]).logits).abs().max() > 1e-4  # the memory is read
+
+
+def test_batch_optimisation_off_gives_the_same_outputs():
+    outs = []
+    for batched in (True, False):
+        model = CMRModel(tiny_gpt2(), {"retrieval_strategy": "multi_criteria", "relevance_threshold": 0.0,
+                                       "retrieval_budget": 4, "enable_batch_optimization": batched})
+        _open_gates(model)
+        outs.append(_stream_outputs(model, list(_segments())))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+
+
+def test_hierarchical_after_clear_and_evict_equals_a_fresh_retriever():
+    torch.manual_seed(0)
+    cfg = {"retrieval_strategy": "hierarchical", "similarity_threshold": -1.0, "relevance_threshold": 0.0,
+           "retrieval_budget": 4, "max_clusters": 3, "max_entries_per_layer": 24}
+    used = CMRModel(tiny_gpt2(), cfg)
+    _open_gates(used)
+    g = torch.Generator().manual_seed(1)
+    old = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(3)]
+    new = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(3)]
+    _stream_outputs(used, old)  # fills the cluster cache, with evictions (16 per segment, 24 kept)
+    assert used.buffer.evictions > 0
+    after = _stream_outputs(used, new)  # reset_memory() clears, then the same writes as a fresh model
+    fresh = CMRModel(tiny_gpt2(), cfg)
+    fresh.load_state_dict(used.state_dict())
+    torch.testing.assert_close(after, _stream_outputs(fresh, new), rtol=0, atol=0)
+    with torch.no_grad():  # and the segment-level path after clear()
+        used.buffer.clear()
+        r = used.retriever
+        buf = LayeredMemoryBuffer([0], 4)
+        buf.add(0, torch.randn(12, 4), torch.rand(12), 0, torch.zeros(12))
+        q = torch.randn(4)
+        first = r.retrieve(buf, 0, 0, q, 1)
+        buf.clear()
+        buf.add(0, torch.randn(5, 4), torch.rand(5), 0, torch.zeros(5))
+        assert torch.equal(r.retrieve(buf, 0, 0, q, 1), Retriever("hierarchical", -1.0, 4, max_clusters=3).retrieve(
+            buf, 0, 0, q, 1))
+        assert first.numel() > 0
+
+
+def test_hit_rate_is_recall_at_k_beside_its_chance():
+    model = CMRModel(tiny_gpt2(), {"retrieval_strategy": "semantic", "similarity_threshold": -1.0,
+                                   "relevance_threshold": 0.0, "retrieval_budget": 4})
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _ in range(6):
+            info = model(torch.randint(0, 64, (4, 16), generator=g), return_memory_info=True)
+    stats = info["retrieval_stats"]
+    assert 0 < stats["hit_rate_chance"] < 0.5  # 4 draws among ~64 tokens
+    assert stats["hit_rate"] <= 2 * stats["hit_rate_chance"]  # untrained, uniform tokens: near chance
+    assert stats["coverage"] > 0.5  # coverage is reported apart from the hit rate
+    # a planted repeat: the same segment again hits far above chance
+    model.reset_memory()
+    seg = torch.randint(0, 64, (4, 16), generator=g)
+    with torch.no_grad():
+        model(seg)
+        model.reset_stats()
+        stats = model(seg, return_memory_info=True)["retrieval_stats"]
+    assert stats["hit_rate"] > 0.9 and stats["hit_rate"] > 3 * stats["hit_rate_chance"]
+
+
+def test_the_seeds_calls_run_as_written():
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=12, n_head=4)
+    cmr_config = {"target_layers": [4, 8, 12], "max_entries_per_layer": 1000, "scoring_method": "hybrid",
+                  "retrieval_strategy": "multi_criteria"}
+    model = FullCMRModel(cfg, cmr_config)
+    assert model.target_layers == [3, 7, 11]
+    input_ids = torch.randint(0, 64, (1, 12))
+    outputs = model.forward(input_ids, return_memory_info=True)
+    assert outputs["last_hidden_state"].shape == (1, 12, 32)
+    memory_stats = {k: outputs[k] for k in ("memory_stats", "performance_stats", "retrieval_stats") if k in outputs}
+    assert set(memory_stats) == {"memory_stats", "performance_stats", "retrieval_stats"}
+    out = model(input_ids, output_hidden_states=True)
+    assert len(out["hidden_states"]) == 13 and out["hidden_states"][-1] is out["last_hidden_state"]
+    assert FullCMRModel(cfg).config.scoring_method == "attention_based"
+    assert IntegratedCMRModel(cfg).config.scoring_method == "hybrid"
+    built = CMRModel.from_config(cfg, {"memory_config": {"target_layers": [0, 11]},
+                                       "retrieval_config": {"strategy": "semantic"},
+                                       "optimization_config": {"enable_adaptive_thresholds": True,
+                                                               "enable_batch_optimization": True}})
+    assert built.target_layers == [0, 11] and built.config.retrieval_strategy == "semantic"
+    with pytest.raises(ValueError, match="layer_indexing='hidden_states'"):
+        CMRModel(model.base, {"target_layers": [4, 8, 12]})
+    for key in ("enable_prefetching", "enable_background_optimization"):
+        with pytest.raises(ValueError, match=key):
+            CMRModel(model.base, {key: True})
+    with pytest.raises(TypeError, match="from_pretrained"):
+        CMRModel("gpt2", {})
+
+
+def test_adaptive_threshold_tracks_the_target_share():
+    model = CMRModel(tiny_gpt2(), {"enable_adaptive_thresholds": True, "target_keep_fraction": 0.25,
+                                   "relevance_threshold": 0.0})
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _ in range(40):
+            model(torch.randint(0, 64, (4, 16), generator=g))
+        model.stats["stored"] = model.stats["offered"] = 0
+        for _ in range(20):
+            model(torch.randint(0, 64, (4, 16), generator=g))
+    share = model.memory_stats()["stored_fraction"]
+    assert abs(share - 0.25) < 0.1, share
 
 
 def test_streams_do_not_share_memories():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,3 +33,32 @@ class ReweaveLayer(nn.Module):
         out, _ = self.attn(self.norm(h), memory, values, key_padding_mask=~safe,
                            need_weights=False)
         return h + torch.tanh(self.gate) * out * has[:, None, None].to(h.dtype)
+
+    def forward_tokens(self, h: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position reweaving: position t attends only to its own retrieved entries.
+
+        h ``[B, T, d]``; memory ``[B, N, d]`` (a stream's entries); idx ``[B, T, k]`` into N;
+        valid ``[B, T, k]``; optional ``bias [B, T, k]`` added to the attention logits (a learned
+        retrieval score). The same parameters as :meth:`forward` (one cross-attention, two modes).
+        Keys and values are projected once per entry, then gathered: O(B T k d), no loop over t.
+        """
+        B, T, d = h.shape
+        k = idx.shape[-1]
+        heads = self.attn.num_heads
+        hd = d // heads
+        w_q, w_k, w_v = self.attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.attn.in_proj_bias.chunk(3)
+        mem = self.norm_memory(memory.to(h.dtype))
+        kv = F.linear(mem, torch.cat([w_k, w_v]), torch.cat([b_k, b_v]))  # [B, N, 2d]
+        picked = kv.gather(1, idx.reshape(B, T * k, 1).expand(B, T * k, 2 * d)).view(B, T, k, 2, heads, hd)
+        q = F.linear(self.norm(h), w_q, b_q).view(B, T, heads, hd)
+        logits = torch.einsum("bthe,btkhe->bthk", q, picked[:, :, :, 0]) / hd ** 0.5
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)[:, :, None, :]
+        has = valid.any(-1)  # [B, T]
+        logits = logits.masked_fill(~(valid | ~has[..., None])[:, :, None, :], float("-inf"))
+        attn = torch.softmax(logits, dim=-1)
+        out = torch.einsum("bthk,btkhe->bthe", attn, picked[:, :, :, 1]).reshape(B, T, d)
+        out = self.attn.out_proj(out)
+        return h + torch.tanh(self.gate) * out * has[..., None].to(h.dtype)

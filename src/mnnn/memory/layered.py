@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Literal
 
@@ -10,19 +11,24 @@ import torch
 from mnnn.serialization import load_tensors, save_tensors
 
 EVICTION = ("lru", "relevance", "lru_relevance")
-_FIELDS = ("states", "relevance", "segment", "last_access", "row")
+_FIELDS = ("states", "relevance", "segment", "last_access", "row", "position", "next_token")
+_GENERATION = itertools.count(1)  # process-wide, never reset: a content key no clear() can reuse
 
 
 class LayeredMemoryBuffer:
     """One store per target layer: ``states [N, d]``, ``relevance [N]``, ``segment [N]`` (when
     written), ``last_access [N]`` (segment of the last retrieval, or of the write), ``row [N]``
-    (the batch row / stream it belongs to).
+    (the batch row / stream it belongs to), ``position [N]`` (its position in the segment that
+    wrote it) and ``next_token [N]`` (the token that followed it; -1 when unknown).
 
-    Capacity: at most ``max_entries_per_layer`` per layer and ``max_total_entries`` overall; over
-    either, entries are evicted from the layer being written by ``eviction_strategy``:
+    Capacity is per stream: at most ``max_entries_per_layer`` entries of a stream per layer and
+    ``max_total_entries`` of a stream over all layers; over either, the stream's entries in the
+    layer being written are evicted (never another stream's) by ``eviction_strategy``:
     'lru' (least recently retrieved, oldest first among ties), 'relevance' (lowest relevance), or
     'lru_relevance' (lowest mean of the two ranks, each scaled to [0, 1]).
-    Every change bumps the layer's ``version`` (retrieval caches key on it).
+    Every change (write, eviction, clear) gives the layer a new ``version`` drawn from a
+    process-wide counter, so a version is never reused and a cache keyed on it can not return
+    entries of an earlier buffer content.
     """
 
     def __init__(self, layers: list[int], dim: int, max_entries_per_layer: int = 1000,
@@ -42,8 +48,10 @@ class LayeredMemoryBuffer:
         self.data = {layer: {"states": torch.zeros(0, self.dim), "relevance": torch.zeros(0),
                              "segment": torch.zeros(0, dtype=torch.long),
                              "last_access": torch.zeros(0, dtype=torch.long),
-                             "row": torch.zeros(0, dtype=torch.long)} for layer in self.layers}
-        self.version = {layer: 0 for layer in self.layers}
+                             "row": torch.zeros(0, dtype=torch.long),
+                             "position": torch.zeros(0, dtype=torch.long),
+                             "next_token": torch.zeros(0, dtype=torch.long)} for layer in self.layers}
+        self.version = {layer: next(_GENERATION) for layer in self.layers}
 
     def __len__(self) -> int:
         return sum(self.size(layer) for layer in self.layers)
@@ -52,7 +60,8 @@ class LayeredMemoryBuffer:
         return self.data[layer]["states"].shape[0]
 
     @torch.no_grad()
-    def add(self, layer: int, states: torch.Tensor, relevance: torch.Tensor, segment: int, rows: torch.Tensor) -> None:
+    def add(self, layer: int, states: torch.Tensor, relevance: torch.Tensor, segment: int, rows: torch.Tensor,
+            positions: torch.Tensor | None = None, next_tokens: torch.Tensor | None = None) -> None:
         d = self.data[layer]
         n = states.shape[0]
         if n == 0:
@@ -60,18 +69,28 @@ class LayeredMemoryBuffer:
         dev = states.device
         new = {"states": states.detach().to(d["states"].dtype), "relevance": relevance.detach().float(),
                "segment": torch.full((n,), segment, dtype=torch.long, device=dev),
-               "last_access": torch.full((n,), segment, dtype=torch.long, device=dev), "row": rows.long()}
+               "last_access": torch.full((n,), segment, dtype=torch.long, device=dev), "row": rows.long(),
+               "position": (torch.full((n,), -1, dtype=torch.long, device=dev) if positions is None
+                            else positions.long()),
+               "next_token": (torch.full((n,), -1, dtype=torch.long, device=dev) if next_tokens is None
+                              else next_tokens.long())}
         for key in _FIELDS:
             d[key] = torch.cat([d[key].to(dev), new[key].to(dev)])
-        over = max(self.size(layer) - self.max_entries_per_layer, len(self) - self.max_total_entries)
-        if over > 0:
-            self._evict(layer, min(over, self.size(layer)))
-        self.version[layer] += 1
+        for row in new["row"].unique().tolist():  # capacity is per stream: no stream evicts another's entries
+            mine = d["row"] == row
+            total = sum(int((self.data[other]["row"] == row).sum()) for other in self.layers)
+            over = max(int(mine.sum()) - self.max_entries_per_layer, total - self.max_total_entries)
+            if over > 0:
+                self._evict(layer, min(over, int(mine.sum())), mine)
+        self.version[layer] = next(_GENERATION)
 
-    def _evict(self, layer: int, k: int) -> None:
+    def _evict(self, layer: int, k: int, among: torch.Tensor) -> None:
+        """Drop ``k`` of the entries ``among`` marks (one stream's) by the eviction strategy."""
         d = self.data[layer]
-        n = self.size(layer)
-        order = torch.argsort(d["segment"], stable=True)  # oldest first among ties
+        candidates = among.nonzero().squeeze(1)
+        n = candidates.numel()
+        sub = {key: d[key][candidates] for key in ("segment", "last_access", "relevance")}
+        order = torch.argsort(sub["segment"], stable=True)  # oldest first among ties
 
         def scaled_rank(values: torch.Tensor) -> torch.Tensor:
             r = torch.empty(n, device=values.device)
@@ -79,22 +98,49 @@ class LayeredMemoryBuffer:
             return r / max(n - 1, 1)
 
         if self.eviction_strategy == "lru":
-            key = scaled_rank(d["last_access"].float())
+            key = scaled_rank(sub["last_access"].float())
         elif self.eviction_strategy == "relevance":
-            key = scaled_rank(d["relevance"])
+            key = scaled_rank(sub["relevance"])
         else:
-            key = 0.5 * (scaled_rank(d["last_access"].float()) + scaled_rank(d["relevance"]))
-        drop = order[torch.argsort(key, stable=True)[:k]]
-        keep = torch.ones(n, dtype=torch.bool, device=key.device)
+            key = 0.5 * (scaled_rank(sub["last_access"].float()) + scaled_rank(sub["relevance"]))
+        drop = candidates[order[torch.argsort(key, stable=True)[:k]]]
+        keep = torch.ones(self.size(layer), dtype=torch.bool, device=key.device)
         keep[drop] = False
         for field in _FIELDS:
             d[field] = d[field][keep]
         self.evictions += k
 
     def touch(self, layer: int, index: torch.Tensor, segment: int) -> None:
-        """Mark entries as retrieved at ``segment`` (for LRU)."""
+        """Mark entries as retrieved at ``segment`` (for LRU). Not a content change: the version
+        (and every cache keyed on it) stays."""
         if index.numel():
-            self.data[layer]["last_access"][index] = segment
+            self.data[layer]["last_access"][index.to(self.data[layer]["last_access"].device)] = segment
+
+    def padded(self, layer: int, batch: int) -> dict[str, torch.Tensor]:
+        """The layer's entries per stream, padded: every field as ``[batch, N_max, ...]`` plus
+        ``mask [batch, N_max]`` (True where an entry exists) and ``index [batch, N_max]`` (its row
+        in the flat store, -1 for padding). Entries keep their store order within a stream."""
+        d = self.data[layer]
+        row = d["row"]
+        dev = d["states"].device
+        if row.numel() and (int(row.min()) < 0 or int(row.max()) >= batch):
+            raise ValueError(f"the memory holds streams 0..{int(row.max())} but the batch has {batch}; "
+                             "call reset_memory() before reading a different set of streams")
+        counts = torch.bincount(row, minlength=batch)
+        n_max = int(counts.max()) if row.numel() else 0
+        order = torch.argsort(row, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(row.numel(), device=dev) - starts[row[order]]
+        out = {"mask": torch.zeros(batch, n_max, dtype=torch.bool, device=dev),
+               "index": torch.full((batch, n_max), -1, dtype=torch.long, device=dev)}
+        out["mask"][row[order], slot] = True
+        out["index"][row[order], slot] = order
+        for key in _FIELDS:
+            value = d[key]
+            padded = value.new_zeros((batch, n_max, *value.shape[1:]))
+            padded[row[order], slot] = value[order]
+            out[key] = padded
+        return out
 
     def stats(self) -> dict:
         return {"entries_per_layer": {str(k): self.size(k) for k in self.layers}, "total_entries": len(self),
@@ -118,5 +164,11 @@ class LayeredMemoryBuffer:
         buf.evictions = meta["evictions"]
         for layer in buf.layers:
             for key in _FIELDS:
-                buf.data[layer][key] = tensors[f"{layer}/{key}"]
+                name = f"{layer}/{key}"
+                if name in tensors:
+                    buf.data[layer][key] = tensors[name]
+                elif key in ("position", "next_token"):  # files written before these were stored
+                    buf.data[layer][key] = torch.full((tensors[f"{layer}/row"].shape[0],), -1, dtype=torch.long)
+                else:
+                    raise ValueError(f"{path} misses tensor {name!r}")
         return buf

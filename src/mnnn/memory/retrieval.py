@@ -1,5 +1,13 @@
-"""Retrieval strategies over a LayeredMemoryBuffer (CMR). Each picks up to ``budget`` entries of
-one layer for one stream, given a query vector (the previous segment's mean hidden state)."""
+"""Retrieval strategies over a LayeredMemoryBuffer (CMR).
+
+Two granularities share the four scoring rules:
+
+* per token (:meth:`Retriever.retrieve_tokens`, CMR's default): every position's query is its own
+  hidden state at the capture layer; every stream's entries are scored against all its positions
+  at once (one batched matmul per layer and segment) and each position keeps its top ``budget``;
+* per segment (:meth:`Retriever.retrieve`, the seed's mode): one query per stream and segment,
+  the previous segment's mean state.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +33,13 @@ class ContextualScorer(nn.Module):
         self.heads, self.head_dim = heads, max(1, dim // heads)
         self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
         self.k = nn.Linear(dim, heads * self.head_dim, bias=False)
+
+    def score_tokens(self, query: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Batched: ``query [B, T, d]``, ``states [B, N, d]`` -> ``[B, T, N]``."""
+        B, T, _ = query.shape
+        q = self.q(query).view(B, T, self.heads, self.head_dim)
+        k = self.k(states).view(B, -1, self.heads, self.head_dim)
+        return torch.einsum("bthd,bnhd->btn", q, k) / (self.heads * self.head_dim ** 0.5)
 
     def forward(self, query: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         q = self.q(query).view(self.heads, self.head_dim)
@@ -58,8 +73,10 @@ class Retriever:
       buffer version; the clusters nearest the query are opened until ``budget`` candidates exist,
       then the semantic rule ranks them.
 
-    Results are cached (``cache_size`` entries, least recently used dropped); the key includes the
-    buffer version, so any write or eviction invalidates them.
+    Per-segment results are cached (``cache_size`` entries, least recently used dropped); the key
+    includes the buffer version, which every write, eviction and clear replaces by a never-used
+    value, so no cache outlives the content it was computed from. The k-means clusters are cached
+    under the same key.
     """
 
     def __init__(self, strategy: str, similarity_threshold: float = 0.7, budget: int = 32, cache_size: int = 1000,
@@ -80,6 +97,101 @@ class Retriever:
         self._cache: OrderedDict = OrderedDict()
         self._clusters: dict = {}
         self.cache_hits = self.cache_misses = 0
+        self.cluster_hits = self.cluster_misses = 0
+
+    # ---- per token ---------------------------------------------------------------------------------
+    def retrieve_tokens(self, view: dict[str, torch.Tensor], query: torch.Tensor, segment: int,
+                        layer: int, version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Top-``budget`` entries for every position of every stream.
+
+        ``view``: :meth:`LayeredMemoryBuffer.padded` of one layer (``states [B, N, d]``, ``mask``,
+        ``relevance``, ``segment``); ``query [B, T, d]``: the positions' own hidden states.
+        Returns ``idx [B, T, k]`` (into the padded N), ``valid [B, T, k]`` and, for the learned
+        'contextual' rule, ``bias [B, T, k]`` (its scores, differentiable: the reweaving adds
+        them to its attention logits so the scorer learns from the loss), else None.
+        Entries of stream b are only ever scored against stream b's positions.
+        """
+        states, mask = view["states"].to(query.device), view["mask"].to(query.device)
+        B, N = mask.shape
+        k = min(self.budget, N)
+        allowed = mask[:, None, :].expand(B, query.shape[1], N)
+        bias = None
+        if self.strategy == "contextual":
+            score = self.scorer.score_tokens(query, states.to(query.dtype))
+            ranked = score.detach()
+        else:
+            with torch.no_grad():
+                sim = F.normalize(query.float(), dim=-1) @ F.normalize(states.float(), dim=-1).transpose(1, 2)
+                if self.strategy == "semantic":
+                    ranked = sim
+                    allowed = allowed & (sim >= self.similarity_threshold)
+                elif self.strategy == "multi_criteria":
+                    recency = torch.exp(-(segment - view["segment"].to(query.device)).float().clamp_min(0) / 4.0)
+                    ranked = (self.weights["relevance"] * view["relevance"].to(sim)[:, None, :]
+                              + self.weights["similarity"] * (sim + 1) / 2
+                              + self.weights["recency"] * recency[:, None, :])
+                else:
+                    ranked = sim
+                    allowed = allowed & self._opened_tokens(view, query, layer, version)
+        ranked = ranked.masked_fill(~allowed, float("-inf"))
+        if self.strategy == "multi_criteria" and self.weights["diversity"] > 0 and k > 1:
+            idx = self._diverse_topk(ranked, states, k)
+        else:
+            idx = ranked.topk(k, dim=-1).indices
+        valid = torch.isfinite(ranked.gather(-1, idx))
+        if self.strategy == "contextual":
+            bias = score.gather(-1, idx)
+        return idx, valid, bias
+
+    def _diverse_topk(self, base: torch.Tensor, states: torch.Tensor, k: int) -> torch.Tensor:
+        """Greedy selection of ``k`` per position by ``base + w_div (1 - max cos to the chosen)``
+        over a pool of the ``2k`` best by ``base`` (batched over streams and positions; the loop
+        runs ``k`` times)."""
+        pool = base.topk(min(2 * k, base.shape[-1]), dim=-1).indices  # [B, T, P]
+        unit = F.normalize(states.float(), dim=-1)
+        gram = unit @ unit.transpose(1, 2)  # [B, N, N]
+        B, T, P = pool.shape
+        rows = torch.arange(B, device=pool.device)[:, None, None, None]
+        pair = gram[rows, pool[..., :, None], pool[..., None, :]]  # [B, T, P, P] cos within the pool
+        score0 = base.gather(-1, pool)
+        max_sim = torch.zeros_like(score0)
+        taken = torch.zeros_like(score0, dtype=torch.bool)
+        chosen = []
+        w = self.weights["diversity"]
+        for _ in range(k):
+            score = (score0 + w * (1 - max_sim)).masked_fill(taken, float("-inf"))
+            pick = score.argmax(-1, keepdim=True)  # [B, T, 1]
+            chosen.append(pick)
+            taken.scatter_(-1, pick, True)
+            row = pair.gather(2, pick[..., None].expand(B, T, 1, P)).squeeze(2)  # cos(pick, pool)
+            max_sim = torch.maximum(max_sim, row.clamp_min(0))
+        return pool.gather(-1, torch.cat(chosen, -1))
+
+    def _opened_tokens(self, view, query, layer: int, version: int) -> torch.Tensor:
+        """``[B, T, N]``: entries in the clusters each position opens (nearest centroid first, until
+        ``budget`` candidates); k-means per stream, cached on the buffer content."""
+        states, mask = view["states"], view["mask"]
+        B, N = mask.shape
+        C = self.max_clusters
+        centers = query.new_zeros(B, C, query.shape[-1], dtype=torch.float)
+        assign = torch.zeros(B, N, dtype=torch.long, device=query.device)
+        sizes = torch.zeros(B, C, device=query.device)
+        for b in range(B):
+            n = int(mask[b].sum())
+            if n == 0:
+                continue
+            cb, ab = self._clusters_for((layer, b, version), states[b, :n].float())
+            centers[b, : cb.shape[0]] = cb.to(query.device)
+            assign[b, :n] = ab.to(query.device)
+            sizes[b] = torch.bincount(ab.to(query.device), minlength=C)[:C].float()
+        sim = F.normalize(query.float(), dim=-1) @ centers.transpose(1, 2)  # [B, T, C]
+        sim = sim.masked_fill(sizes[:, None, :] == 0, float("-inf"))
+        order = sim.argsort(dim=-1, descending=True)
+        size_sorted = sizes[:, None, :].expand_as(sim).gather(-1, order)
+        before = torch.cumsum(size_sorted, -1) - size_sorted
+        open_sorted = (before < self.budget) & (size_sorted > 0)
+        opened = torch.zeros_like(open_sorted).scatter(-1, order, open_sorted)  # [B, T, C]
+        return opened.gather(-1, assign[:, None, :].expand(B, query.shape[1], N)) & mask[:, None, :]
 
     def retrieve(self, buffer, layer: int, row: int, query: torch.Tensor, segment: int) -> torch.Tensor:
         d = buffer.data[layer]
@@ -132,11 +244,17 @@ class Retriever:
             max_sim = torch.maximum(max_sim, (unit @ unit[i]).clamp_min(0))
         return torch.tensor(chosen, dtype=torch.long, device=states.device)
 
+    def _clusters_for(self, key, states):
+        if key in self._clusters:
+            self.cluster_hits += 1
+            return self._clusters[key]
+        self.cluster_misses += 1
+        self._clusters = {k: v for k, v in self._clusters.items() if k[:2] != key[:2]}  # stale versions
+        self._clusters[key] = _kmeans(states, self.max_clusters)
+        return self._clusters[key]
+
     def _hierarchical(self, query, states, key):
-        if key not in self._clusters:
-            self._clusters = {k: v for k, v in self._clusters.items() if k[:2] != key[:2]}  # stale versions
-            self._clusters[key] = _kmeans(states, self.max_clusters)
-        centers, assign = self._clusters[key]
+        centers, assign = self._clusters_for(key, states)
         opened = torch.zeros_like(assign, dtype=torch.bool)
         for c in (centers @ F.normalize(query, dim=-1)).argsort(descending=True):
             opened |= assign == c

@@ -2,13 +2,19 @@
 
 Forward hooks on chosen transformer blocks capture their hidden states (whole tensors, no
 per-token Python); a relevance scorer decides which states are stored in a per-layer
-:class:`~mnnn.memory.layered.LayeredMemoryBuffer`; before each segment a retrieval strategy picks
-memories of *earlier* segments for every stream, and the hooks reweave them into the block
-outputs through cross-attention with a zero-initialised gate. Consequences:
+:class:`~mnnn.memory.layered.LayeredMemoryBuffer`; the hooks then reweave memories of *earlier*
+segments into the block outputs through cross-attention with a zero-initialised gate.
+
+Retrieval is per token by default (``retrieval_mode='token'``): every position's query is its
+own hidden state at the capture layer, each position reads its own top ``retrieval_budget``
+entries (Memorizing Transformers' kNN memory, here over captured block outputs). The seed's
+mode, one query per segment (the previous segment's mean state) shared by all its positions,
+is ``retrieval_mode='segment'``. Consequences:
 
 * an untrained CMR (or ``use_memory=False``) returns exactly the base model's logits;
-* causal by construction: memories come only from earlier segments, the retrieval query is the
-  previous segment's mean state, and reweaving is position-wise;
+* causal by construction: memories come only from earlier segments, a position's query is its
+  own state (tokens up to it), and reweaving is position-wise;
+* streams never share entries (every entry carries its stream's row);
 * only the CMR parameters train; the base model is frozen.
 """
 
@@ -28,6 +34,15 @@ from mnnn.memory.retrieval import STRATEGIES, ContextualScorer, Retriever
 
 SCORING = ("attention_based", "variance_based", "hybrid")
 RECONSTRUCTION = ("cross_attention",)
+MODES = ("token", "segment")
+INDEXING = ("block", "hidden_states")
+_REFUSED = {
+    "enable_prefetching": "retrieval reads each position's own hidden state, which exists only while "
+                          "the segment runs, so there is nothing to compute ahead of it",
+    "enable_background_optimization": "mnnn runs no background threads: eviction and cache "
+                                      "invalidation happen synchronously on each write so runs stay "
+                                      "reproducible",
+}
 
 
 @dataclasses.dataclass
@@ -50,8 +65,24 @@ class CMRConfig:
     retrieval_budget: int = 32
     reconstruction_method: str = "cross_attention"
     reweave_heads: int = 4
+    retrieval_mode: str = "token"
+    layer_indexing: str = "block"  # 'hidden_states': the seed's numbering, L = output of block L - 1
+    enable_adaptive_thresholds: bool = False
+    target_keep_fraction: float = 0.5  # adaptive thresholds: the share of positions stored
+    enable_batch_optimization: bool = True  # False: one retrieval per stream (same result, slower)
+    enable_prefetching: bool = False
+    enable_background_optimization: bool = False
 
     def __post_init__(self) -> None:
+        for key, why in _REFUSED.items():
+            if getattr(self, key):
+                raise ValueError(f"{key}=True is not supported: {why}; leave it False")
+        if self.retrieval_mode not in MODES:
+            raise ValueError(f"retrieval_mode must be one of {MODES}, got {self.retrieval_mode!r}")
+        if self.layer_indexing not in INDEXING:
+            raise ValueError(f"layer_indexing must be one of {INDEXING}, got {self.layer_indexing!r}")
+        if not 0.0 < self.target_keep_fraction <= 1.0:
+            raise ValueError(f"target_keep_fraction must be in (0, 1], got {self.target_keep_fraction!r}")
         if self.scoring_method not in SCORING:
             raise ValueError(f"scoring_method must be one of {SCORING}, got {self.scoring_method!r}")
         if self.eviction_strategy not in EVICTION:
@@ -66,6 +97,8 @@ class CMRConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CMRConfig":
         values = dict(values)
+        for nested in ("memory_config", "optimization_config"):  # the seed's three dicts, merged
+            values.update(values.pop(nested, None) or {})
         retrieval = values.pop("retrieval_config", None) or {}
         if "strategy" in retrieval:  # the seed's nested retrieval_config
             values.setdefault("retrieval_strategy", retrieval.pop("strategy"))
@@ -115,21 +148,50 @@ def relevance_scores(h: torch.Tensor, method: str) -> torch.Tensor:
 
 
 class CMRModel(nn.Module):
-    """``CMRModel(base_model, cmr_config)`` or ``CMRModel.from_pretrained(name_or_path, cmr_config)``."""
+    """``CMRModel(base_model, cmr_config)``, ``CMRModel.from_pretrained(name_or_path, cmr_config)``
+    or ``CMRModel.from_config(base_config, cmr_config)`` (a freshly initialised base)."""
+
+    _defaults: dict[str, Any] = {}
 
     def __init__(self, base_model: nn.Module, cmr_config: CMRConfig | dict | None = None):
         super().__init__()
-        cfg = cmr_config if isinstance(cmr_config, CMRConfig) else CMRConfig.from_dict(cmr_config or {})
+        if isinstance(base_model, str):
+            raise TypeError(f"{type(self).__name__} needs a built model; for a name or path use "
+                            f"{type(self).__name__}.from_pretrained({base_model!r}, cmr_config)")
+        if not isinstance(base_model, nn.Module):
+            if hasattr(base_model, "to_dict") and hasattr(base_model, "model_type"):  # a PretrainedConfig
+                base_model = _base_from_config(base_model)
+            else:
+                raise TypeError(f"base_model must be a torch module or a transformers config, "
+                                f"got {type(base_model).__name__}")
+        if isinstance(cmr_config, CMRConfig):
+            cfg = cmr_config
+        else:
+            cfg = CMRConfig.from_dict({**self._defaults, **(cmr_config or {})})
         self.base, self.config = base_model, cfg
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.blocks = find_blocks(base_model)
         n = len(self.blocks)
-        layers = cfg.target_layers if cfg.target_layers is not None else sorted({n // 2, n - 1})
-        bad = [layer for layer in layers if not isinstance(layer, int) or not 0 <= layer < n]
-        if bad or not layers:
-            raise ValueError(f"target_layers {list(layers)} out of range: the model has {n} blocks (0..{n - 1})")
-        self.target_layers = list(layers)
+        if cfg.target_layers is None:
+            layers = sorted({n // 2, n - 1})
+        elif cfg.layer_indexing == "hidden_states":
+            bad = [layer for layer in cfg.target_layers if not isinstance(layer, int) or not 1 <= layer <= n]
+            if bad:
+                raise ValueError(f"target_layers {list(cfg.target_layers)} out of range: with "
+                                 f"layer_indexing='hidden_states' layer L is the output of block L - 1, "
+                                 f"so L must be in 1..{n} for this {n}-block model")
+            layers = [layer - 1 for layer in cfg.target_layers]
+        else:
+            layers = list(cfg.target_layers)
+            bad = [layer for layer in layers if not isinstance(layer, int) or not 0 <= layer < n]
+            if bad:
+                raise ValueError(f"target_layers {layers} out of range: the model has {n} blocks (0..{n - 1}); "
+                                 f"for the seed's numbering (hidden_states index 1..{n}, e.g. [4, 8, 12] on "
+                                 f"GPT-2) pass layer_indexing='hidden_states'")
+        if not layers:
+            raise ValueError("target_layers must name at least one block")
+        self.target_layers = sorted(set(layers))
         dim = base_model.config.hidden_size
         self.reweavers = nn.ModuleDict({str(layer): ReweaveLayer(dim, cfg.reweave_heads) for layer in self.target_layers})
         self.scorer = ContextualScorer(dim, cfg.context_heads) if cfg.retrieval_strategy == "contextual" else None
@@ -137,10 +199,14 @@ class CMRModel(nn.Module):
                                           cfg.eviction_strategy)
         self.retriever = Retriever(cfg.retrieval_strategy, cfg.similarity_threshold, cfg.retrieval_budget,
                                    cfg.cache_size, cfg.max_clusters, cfg.criteria_weights, self.scorer)
+        self.relevance_threshold = cfg.relevance_threshold
         self._handles = [self.blocks[layer].register_forward_hook(self._hook(layer)) for layer in self.target_layers]
         self._retrieved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._views: dict[int, dict[str, torch.Tensor]] = {}
+        self._targets: torch.Tensor | None = None
         self._captured: dict[int, torch.Tensor] = {}
         self._capture = False
+        self.last_retrieval: dict[int, dict[str, torch.Tensor]] = {}
         self.reset_memory()
 
     @classmethod
@@ -149,12 +215,24 @@ class CMRModel(nn.Module):
 
         return cls(AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs), cmr_config)
 
+    @classmethod
+    def from_config(cls, base_config, cmr_config: CMRConfig | dict | None = None) -> "CMRModel":
+        """Build the base from a ``transformers`` config (``AutoModelForCausalLM.from_config``:
+        freshly initialised weights, nothing downloaded) and wrap it."""
+        return cls(_base_from_config(base_config), cmr_config)
+
     def reset_memory(self) -> None:
-        """Forget every stored state (a new set of streams)."""
+        """Forget every stored state (a new set of streams) and zero the statistics."""
         self.buffer.clear()
         self.segment = 0
         self._summary: dict[int, torch.Tensor] = {}
-        self.stats = {"segments": 0, "retrieved": 0, "reads_with_memory": 0, "reads": 0, "retrieval_s": 0.0}
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Zero the read statistics (the buffer keeps its entries)."""
+        self.stats = {"segments": 0, "retrieved": 0, "reads_with_memory": 0, "reads": 0, "retrieval_s": 0.0,
+                      "forward_s": 0.0, "positions": 0, "positions_with_memory": 0, "scored": 0, "hits": 0,
+                      "hit_chance": 0.0, "stored": 0, "offered": 0}
 
     # ---- hooks -------------------------------------------------------------------------------------
     def _hook(self, layer: int):
@@ -162,6 +240,9 @@ class CMRModel(nn.Module):
             hidden = output[0] if isinstance(output, tuple) else output
             if self._capture:
                 self._captured[layer] = hidden.detach()
+            if layer in self._views:
+                hidden = self._reweave_tokens(layer, hidden)
+                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             if layer in self._retrieved:
                 memory, mask, weights = self._retrieved[layer]
                 hidden = self.reweavers[str(layer)](hidden, memory, mask, weights)
@@ -170,8 +251,58 @@ class CMRModel(nn.Module):
 
         return hook
 
+    def _reweave_tokens(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Per-token retrieval and reweaving for one layer (inside the block's forward hook)."""
+        start = time.perf_counter()
+        view = self._views[layer]
+        version = self.buffer.version[layer]
+        if self.config.enable_batch_optimization:
+            idx, valid, bias = self.retriever.retrieve_tokens(view, hidden, self.segment, layer, version)
+        else:  # one retrieval per stream: the same picks, B calls instead of one
+            parts = [self.retriever.retrieve_tokens({k: v[b : b + 1] for k, v in view.items()}, hidden[b : b + 1],
+                                                    self.segment, layer, version) for b in range(hidden.shape[0])]
+            width = max(p[0].shape[-1] for p in parts)
+            idx = torch.cat([F.pad(p[0], (0, width - p[0].shape[-1])) for p in parts])
+            valid = torch.cat([F.pad(p[1], (0, width - p[1].shape[-1])) for p in parts])
+            bias = None if parts[0][2] is None else torch.cat([F.pad(p[2], (0, width - p[2].shape[-1])) for p in parts])
+        self.stats["retrieval_s"] += time.perf_counter() - start
+        with torch.no_grad():
+            self._token_stats(layer, view, idx, valid)
+        return self.reweavers[str(layer)].forward_tokens(hidden, view["states"].to(hidden.device), idx, valid, bias)
+
+    @torch.no_grad()
+    def _token_stats(self, layer: int, view, idx: torch.Tensor, valid: torch.Tensor) -> None:
+        """Counts for :meth:`memory_info` and LRU touches. Hit: the position's retrieved set holds an
+        entry whose stored next token is the position's true next token (recall@k, as S3CMN's
+        output memory defines it); chance: the same for ``k`` entries drawn at random from the
+        stream's store, ``1 - (1 - m / n)^k`` with ``m`` matching of ``n`` entries."""
+        B, T, k = idx.shape
+        touched = view["index"].to(idx.device).gather(1, idx.reshape(B, -1)).reshape(B, T, k)[valid]
+        self.buffer.touch(layer, touched.unique(), self.segment)
+        has = valid.any(-1)
+        self.stats["positions"] += B * T
+        self.stats["positions_with_memory"] += int(has.sum())
+        self.stats["retrieved"] += int(valid.sum())
+        nxt = view["next_token"].to(idx.device)
+        self.last_retrieval[layer] = {"idx": idx, "valid": valid, "segment": view["segment"].to(idx.device).gather(
+            1, idx.reshape(B, -1)).reshape(B, T, k), "position": view["position"].to(idx.device).gather(
+            1, idx.reshape(B, -1)).reshape(B, T, k), "entries": view["mask"].sum(1).to(idx.device)}
+        if self._targets is None:
+            return
+        target = self._targets.to(idx.device)  # [B, T], -1 where unknown
+        known = target >= 0
+        picked_next = nxt.gather(1, idx.reshape(B, -1)).reshape(B, T, k)
+        hit = ((picked_next == target[..., None]) & valid).any(-1)
+        match = (nxt[:, None, :] == target[..., None]) & view["mask"].to(idx.device)[:, None, :]  # [B, T, N]
+        n = view["mask"].to(idx.device).sum(1, keepdim=True).clamp_min(1).float()  # [B, 1]
+        draws = valid.sum(-1).float()
+        chance = 1 - (1 - match.sum(-1).float() / n) ** draws
+        self.stats["scored"] += int(known.sum())
+        self.stats["hits"] += int((hit & known).sum())
+        self.stats["hit_chance"] += float(chance[known].sum())
+
     def _retrieve(self, batch: int, device) -> None:
-        """Pick memories of earlier segments for every target layer and stream."""
+        """Per-segment mode: pick memories of earlier segments for every target layer and stream."""
         start = time.perf_counter()
         self._retrieved = {}
         for layer in self.target_layers:
@@ -201,64 +332,162 @@ class CMRModel(nn.Module):
         self.stats["retrieval_s"] += time.perf_counter() - start
 
     @torch.no_grad()
-    def _store(self, attention_mask: torch.Tensor | None) -> None:
+    def _store(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         for layer, h in self._captured.items():
             B, T, d = h.shape
             valid = torch.ones(B, T, dtype=torch.bool, device=h.device) if attention_mask is None else attention_mask.bool()
             self._summary[layer] = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
             score = relevance_scores(h, self.config.scoring_method)
-            keep = (score >= self.config.relevance_threshold) & valid
+            keep = (score >= self.relevance_threshold) & valid
             rows = torch.arange(B, device=h.device)[:, None].expand(B, T)[keep]
-            self.buffer.add(layer, h[keep], score[keep], self.segment, rows)
+            positions = torch.arange(T, device=h.device)[None].expand(B, T)[keep]
+            self.buffer.add(layer, h[keep], score[keep], self.segment, rows, positions,
+                            _next_tokens(input_ids, attention_mask)[keep])
+            if layer == self.target_layers[0]:
+                self.stats["stored"] += int(keep.sum())
+                self.stats["offered"] += int(valid.sum())
+                if self.config.enable_adaptive_thresholds and int(valid.sum()):
+                    # stochastic approximation: store more when below the target share, fewer above
+                    kept = float(keep.sum()) / float(valid.sum())
+                    self.relevance_threshold += 0.5 * (kept - self.config.target_keep_fraction)
         self._captured = {}
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, use_memory: bool = True, return_memory_info: bool = False):
-        """One segment of each stream: returns the base model's output (logits, loss when
-        ``labels``), with ``memory_info`` when asked. With ``use_memory`` the segment reads memories
-        of earlier segments and is then stored for later ones."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        self._retrieved = {}
+                labels: torch.Tensor | None = None, use_memory: bool = True, return_memory_info: bool = False,
+                output_hidden_states: bool = False, **kwargs):
+        """One segment of each stream: the base model's output (``logits``, ``loss`` with
+        ``labels``) plus ``last_hidden_state`` (the last block's output after the base's final norm,
+        with memory reweaved in), ``hidden_states`` when ``output_hidden_states``, and with
+        ``return_memory_info`` the keys ``memory_info``, ``memory_stats``, ``performance_stats``
+        and ``retrieval_stats``. With ``use_memory`` the segment reads memories of earlier
+        segments and is then stored for later ones."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, seq] tensor, got {shape}")
+        start = time.perf_counter()
+        self._retrieved, self._views = {}, {}
+        self._targets = None
         if use_memory:
-            self._retrieve(input_ids.shape[0], input_ids.device)
+            if self.config.retrieval_mode == "token":
+                batch = input_ids.shape[0]
+                self._views = {layer: self.buffer.padded(layer, batch) for layer in self.target_layers
+                               if self.buffer.size(layer)}
+                self._targets = _next_tokens(input_ids, attention_mask)
+                self.stats["reads"] += 1
+                self.stats["reads_with_memory"] += int(bool(self._views))
+            else:
+                self._retrieve(input_ids.shape[0], input_ids.device)
         self._capture = use_memory
         try:
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                            output_hidden_states=True, **kwargs)
         finally:
             self._capture = False
-            self._retrieved = {}
+            self._retrieved, self._views, self._targets = {}, {}, None
         if use_memory:
-            self._store(attention_mask)
+            self._store(input_ids, attention_mask)
             self.segment += 1
             self.stats["segments"] += 1
+        self.stats["forward_s"] += time.perf_counter() - start
+        out["last_hidden_state"] = out.hidden_states[-1]
+        if not output_hidden_states:
+            out["hidden_states"] = None
         if return_memory_info:
             out["memory_info"] = self.memory_info()
+            out["memory_stats"] = self.memory_stats()
+            out["performance_stats"] = self.performance_stats()
+            out["retrieval_stats"] = self.retrieval_stats()
         return out
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, use_memory: bool = True, **kwargs) -> torch.Tensor:
-        """``base.generate`` with the memories retrieved for this prompt reweaved at every step
-        (nothing is stored while generating)."""
-        self._retrieved = {}
+        """``base.generate`` with memory (nothing is stored while generating). Per-token mode: every
+        new position retrieves with its own state; per-segment mode: the memories retrieved for
+        the prompt are reweaved at every step."""
+        self._retrieved, self._views = {}, {}
         if use_memory:
-            self._retrieve(input_ids.shape[0], input_ids.device)
+            if self.config.retrieval_mode == "token":
+                self._views = {layer: self.buffer.padded(layer, input_ids.shape[0]) for layer in self.target_layers
+                               if self.buffer.size(layer)}
+            else:
+                self._retrieve(input_ids.shape[0], input_ids.device)
         try:
             return self.base.generate(input_ids=input_ids, **kwargs)
         finally:
-            self._retrieved = {}
+            self._retrieved, self._views = {}, {}
+
+    def memory_stats(self) -> dict[str, Any]:
+        s = self.stats
+        return {**self.buffer.stats(), "segment": self.segment, "relevance_threshold": self.relevance_threshold,
+                "stored_fraction": s["stored"] / s["offered"] if s["offered"] else None}
+
+    def performance_stats(self) -> dict[str, Any]:
+        s = self.stats
+        return {"segments": s["segments"], "forward_ms_per_segment": 1000 * s["forward_s"] / max(s["segments"], 1),
+                "retrieval_ms_per_segment": 1000 * s["retrieval_s"] / max(s["segments"], s["reads"], 1)}
+
+    def retrieval_stats(self) -> dict[str, Any]:
+        """``hit_rate`` (per-token mode, positions whose next token is known): the share of
+        positions whose retrieved entries include one whose stored next token is the true next
+        token, beside ``hit_rate_chance``, the same for as many entries drawn at random from the
+        stream's store. ``coverage``: positions that read at least one entry (not a quality
+        measure: any non-empty store gives ~1)."""
+        s = self.stats
+        return {"mode": self.config.retrieval_mode, "strategy": self.config.retrieval_strategy,
+                "budget": self.config.retrieval_budget,
+                "hit_rate": s["hits"] / s["scored"] if s["scored"] else None,
+                "hit_rate_chance": s["hit_chance"] / s["scored"] if s["scored"] else None,
+                "coverage": s["positions_with_memory"] / s["positions"] if s["positions"] else None,
+                "retrieved_per_position": s["retrieved"] / s["positions"] if s["positions"] else None,
+                "cache_hits": self.retriever.cache_hits + self.retriever.cluster_hits,
+                "cache_misses": self.retriever.cache_misses + self.retriever.cluster_misses}
 
     def memory_info(self) -> dict[str, Any]:
         s = self.stats
+        r = self.retrieval_stats()
         return {**self.buffer.stats(), "segment": self.segment, "retrieved_entries": s["retrieved"],
-                "hit_rate": s["reads_with_memory"] / s["reads"] if s["reads"] else 0.0,
-                "retrieval_ms_per_segment": 1000 * s["retrieval_s"] / max(s["reads"], 1),
-                "cache_hits": self.retriever.cache_hits, "cache_misses": self.retriever.cache_misses}
+                "hit_rate": r["hit_rate"], "hit_rate_chance": r["hit_rate_chance"], "coverage": r["coverage"],
+                "retrieval_ms_per_segment": self.performance_stats()["retrieval_ms_per_segment"],
+                "cache_hits": r["cache_hits"], "cache_misses": r["cache_misses"]}
 
     def cmr_parameters(self) -> list[nn.Parameter]:
         """The parameters that train (the base model stays frozen)."""
         return [p for n, p in self.named_parameters() if not n.startswith("base.")]
+
+
+class FullCMRModel(CMRModel):
+    """The seed's name: ``FullCMRModel(base_config_or_model, cmr_config)``. Defaults as the seed
+    documents them: ``scoring_method='attention_based'`` and the seed's layer numbering
+    (``layer_indexing='hidden_states'``: ``target_layers=[4, 8, 12]`` on GPT-2 are the outputs of
+    blocks 3, 7 and 11). The seed's untrained 256-wide projection of ``last_hidden_state`` is not
+    reproduced: ``last_hidden_state`` is the model's own."""
+
+    _defaults = {"scoring_method": "attention_based", "layer_indexing": "hidden_states"}
+
+
+class IntegratedCMRModel(CMRModel):
+    """The seed's name: as :class:`FullCMRModel` with ``scoring_method='hybrid'``."""
+
+    _defaults = {"scoring_method": "hybrid", "layer_indexing": "hidden_states"}
+
+
+def _base_from_config(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _next_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T]``: each position's next token inside the segment, -1 at the last position (its next
+    token belongs to the next segment) and where ``attention_mask`` hides either token."""
+    nxt = torch.full_like(input_ids, -1)
+    nxt[:, :-1] = input_ids[:, 1:]
+    if attention_mask is not None:
+        m = attention_mask.bool()
+        nxt[:, :-1] = nxt[:, :-1].masked_fill(~(m[:, :-1] & m[:, 1:]), -1)
+        nxt = nxt.masked_fill(~m, -1)
+    return nxt
 
 
 def train_cmr(model: CMRModel, ids: torch.Tensor, segment_len: int, steps: int, learning_rate: float = 1e-3,
