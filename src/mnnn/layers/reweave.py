@@ -50,15 +50,17 @@ class ReweaveLayer(nn.Module):
         w_q, w_k, w_v = self.attn.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.attn.in_proj_bias.chunk(3)
         mem = self.norm_memory(memory.to(h.dtype))
-        kv = F.linear(mem, torch.cat([w_k, w_v]), torch.cat([b_k, b_v]))  # [B, N, 2d]
-        picked = kv.gather(1, idx.reshape(B, T * k, 1).expand(B, T * k, 2 * d)).view(B, T, k, 2, heads, hd)
-        q = F.linear(self.norm(h), w_q, b_q).view(B, T, heads, hd)
-        logits = torch.einsum("bthe,btkhe->bthk", q, picked[:, :, :, 0]) / hd ** 0.5
+        N = mem.shape[1]
+        rows = (idx + N * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)  # whole-row copies
+        keys = F.linear(mem, w_k, b_k).reshape(B * N, d).index_select(0, rows).view(B, T, k, heads, hd)
+        values = F.linear(mem, w_v, b_v).reshape(B * N, d).index_select(0, rows).view(B, T, k, heads, hd)
+        q = F.linear(self.norm(h), w_q, b_q).view(B, T, 1, heads, hd)
+        logits = (q * keys).sum(-1) / hd ** 0.5  # [B, T, k, heads]: elementwise, no layout copies
         if bias is not None:
-            logits = logits + bias.to(logits.dtype)[:, :, None, :]
+            logits = logits + bias.to(logits.dtype)[..., None]
         has = valid.any(-1)  # [B, T]
-        logits = logits.masked_fill(~(valid | ~has[..., None])[:, :, None, :], float("-inf"))
-        attn = torch.softmax(logits, dim=-1)
-        out = torch.einsum("bthk,btkhe->bthe", attn, picked[:, :, :, 1]).reshape(B, T, d)
+        logits = logits.masked_fill(~(valid | ~has[..., None])[..., None], float("-inf"))
+        attn = torch.softmax(logits, dim=2)
+        out = (attn[..., None] * values).sum(2).reshape(B, T, d)
         out = self.attn.out_proj(out)
         return h + torch.tanh(self.gate) * out * has[..., None].to(h.dtype)
