@@ -285,3 +285,38 @@ def test_retrieval_cache_invalidated_by_writes():
     assert r.cache_misses == 2 and 10 in again.tolist()
     with pytest.raises(ValueError, match="criteria"):
         Retriever("multi_criteria", criteria_weights={"novelty": 1.0})
+
+
+def test_per_token_reweaving_equals_a_loop_over_positions():
+    from mnnn.layers.reweave import ReweaveLayer
+
+    torch.manual_seed(0)
+    layer = ReweaveLayer(16, heads=4).double()
+    with torch.no_grad():
+        layer.gate.fill_(0.7)
+        layer.attn.in_proj_bias.normal_()
+    B, T, N, k = 2, 5, 7, 3
+    h = torch.randn(B, T, 16, dtype=torch.float64, requires_grad=True)
+    memory = torch.randn(B, N, 16, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, N, (B, T, k))
+    valid = torch.rand(B, T, k) > 0.3
+    valid[0, 0] = False  # a position with nothing retrieved keeps its state
+    bias = torch.randn(B, T, k, dtype=torch.float64, requires_grad=True)
+    fast = layer.forward_tokens(h, memory, idx, valid, bias)
+    rows = []
+    for b in range(B):
+        for t in range(T):
+            if not valid[b, t].any():
+                rows.append(h[b, t])
+                continue
+            m = layer.norm_memory(memory[b, idx[b, t][valid[b, t]]])[None]
+            attn_mask = bias[b, t][valid[b, t]][None, None].expand(4, 1, -1)  # float mask = logit bias
+            out, _ = layer.attn(layer.norm(h[b, t])[None, None], m, m, attn_mask=attn_mask, need_weights=False)
+            rows.append(h[b, t] + torch.tanh(layer.gate) * out[0, 0])
+    slow = torch.stack(rows).view(B, T, 16)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad((fast * g).sum(), [h, memory, bias, layer.gate, layer.attn.in_proj_weight])
+    grads_slow = torch.autograd.grad((slow * g).sum(), [h, memory, bias, layer.gate, layer.attn.in_proj_weight])
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

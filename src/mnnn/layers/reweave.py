@@ -52,15 +52,19 @@ class ReweaveLayer(nn.Module):
         mem = self.norm_memory(memory.to(h.dtype))
         N = mem.shape[1]
         rows = (idx + N * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)  # whole-row copies
-        keys = F.linear(mem, w_k, b_k).reshape(B * N, d).index_select(0, rows).view(B, T, k, heads, hd)
-        values = F.linear(mem, w_v, b_v).reshape(B * N, d).index_select(0, rows).view(B, T, k, heads, hd)
-        q = F.linear(self.norm(h), w_q, b_q).view(B, T, 1, heads, hd)
-        logits = (q * keys).sum(-1) / hd ** 0.5  # [B, T, k, heads]: elementwise, no layout copies
+        picked = mem.reshape(B * N, d).index_select(0, rows).view(B * T, k, d)
+        # keys folded into the query: q_h . (W_k,h m + b_k,h) = (W_k,h^T q_h) . m + q_h . b_k,h
+        q = F.linear(self.norm(h), w_q, b_q).view(B * T, heads, hd)
+        q_mem = torch.einsum("nhe,hed->nhd", q, w_k.view(heads, hd, d))  # [B T, heads, d]
+        logits = (torch.bmm(q_mem, picked.transpose(1, 2))
+                  + (q * b_k.view(heads, hd)).sum(-1, keepdim=True)) / hd ** 0.5  # [B T, heads, k]
         if bias is not None:
-            logits = logits + bias.to(logits.dtype)[..., None]
+            logits = logits + bias.to(logits.dtype).reshape(B * T, 1, k)
         has = valid.any(-1)  # [B, T]
-        logits = logits.masked_fill(~(valid | ~has[..., None])[..., None], float("-inf"))
-        attn = torch.softmax(logits, dim=2)
-        out = (attn[..., None] * values).sum(2).reshape(B, T, d)
+        logits = logits.masked_fill(~(valid | ~has[..., None]).reshape(B * T, 1, k), float("-inf"))
+        attn = torch.softmax(logits, dim=-1)
+        # values after the mixing: sum_k a_k (W_v,h m_k + b_v,h) = W_v,h (sum_k a_k m_k) + b_v,h
+        mixed = torch.bmm(attn, picked)  # [B T, heads, d]
+        out = (torch.einsum("nhd,hed->nhe", mixed, w_v.view(heads, hd, d)) + b_v.view(heads, hd)).reshape(B, T, d)
         out = self.attn.out_proj(out)
         return h + torch.tanh(self.gate) * out * has[..., None].to(h.dtype)
