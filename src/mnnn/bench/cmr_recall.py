@@ -9,13 +9,19 @@ episode is read by one stream in segments of ``S`` tokens, the base model's whol
   each ``v`` from its ``k``. Accuracy is counted at those value positions only (chance 1/K).
 
 The base model (Hugging Face ``GPT2LMHeadModel``, ``n_positions = S``, random init) is first
-trained on single segments that hold the facts *and* the queries ("base, facts in window" is
-its accuracy there: on this CPU budget it learns only part of in-context recall, ~0.4). Then, with the base frozen, a
-CMR is trained per retrieval strategy on episodes (memory reset per episode, carried across its
-segments; loss at the query values) and every configuration answers the same held-out episodes.
-The buffer stores every state (``relevance_threshold 0``) and semantic retrieval has no similarity
-floor, so the strategies differ only in which ``budget`` entries they pick; "all memories" reads
-the whole buffer (budget >= entries) as the upper reference.
+trained on single segments that hold the facts *and* the queries, by steps, until its running
+training accuracy reaches ``base_target`` ("base, facts in window" is its held-out accuracy
+there). Then, with the base frozen, a CMR is trained per retrieval strategy on episodes (memory
+reset per episode, carried across its segments; loss at the query values) and every
+configuration answers the same held-out episodes. The buffer stores every state
+(``relevance_threshold 0``) and semantic retrieval has no similarity floor, so the strategies
+differ only in which ``budget`` entries each position picks; "all memories" reads the whole
+buffer (budget >= entries) as the upper reference. Retrieval is per token unless the row says
+"per segment" (the seed's one query per segment).
+
+Planted hit rate: at the query keys (the positions that predict a value), the share whose
+retrieved entries include a state of the asked fact (its key or value position in segment 0) in
+the last target layer, beside the chance of that for as many entries drawn at random.
 """
 
 from __future__ import annotations

@@ -110,6 +110,14 @@ class LayeredMemoryBuffer:
             d[field] = d[field][keep]
         self.evictions += k
 
+    def replace(self, layer: int, fields: dict[str, torch.Tensor]) -> None:
+        """Set one layer's entries (every field, as :attr:`data` holds them) under a new version."""
+        missing = sorted(set(_FIELDS) - set(fields))
+        if missing:
+            raise ValueError(f"replace() needs every field {list(_FIELDS)}; missing {missing}")
+        self.data[layer] = {key: fields[key].clone() for key in _FIELDS}
+        self.version[layer] = next(_GENERATION)
+
     def touch(self, layer: int, index: torch.Tensor, segment: int) -> None:
         """Mark entries as retrieved at ``segment`` (for LRU). Not a content change: the version
         (and every cache keyed on it) stays."""
