@@ -111,7 +111,7 @@ def test_bench_cmr_toy(tmp_path):
     pytest.importorskip("transformers")
     assert main(["bench", "cmr", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
     rows = json.loads((tmp_path / "cmr.json").read_text())["results"]
-    assert rows[0]["model"] == "base" and len(rows) == 5
+    assert rows[0]["model"] == "base" and len(rows) == 9  # 4 strategies, per token and per segment
     assert all(r.get("max_abs_diff_closed_gate", 0) < 1e-5 for r in rows)
 
 
