@@ -1,6 +1,7 @@
 """``mnnn bench cmr``: capture + retrieval + reweave overhead of CMR over the bare model.
 
-A GPT-2-architecture model (random weights: the overhead does not depend on them) reads
+GPT-2-architecture models (random weights: the overhead does not depend on them; a small 4 x 256
+one and GPT-2 small's geometry, 12 x 768, the seed's example base) read
 segments of T tokens; the bare model and CMR (memory of the 2 earlier segments, restored before
 every repeat; every retrieval strategy, per token and per segment) are timed on the same segment
 in the same process. Verification first: with the gates closed CMR's logits equal the base
@@ -19,9 +20,11 @@ from mnnn.memory.retrieval import STRATEGIES
 from mnnn.models.cmr import CMRModel
 
 PRESETS = {
-    "default": {"T": 512, "batch": 1, "n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 30522, "repeats": 5,
-                "budget": 32},
-    "toy": {"T": 32, "batch": 1, "n_embd": 32, "n_layer": 2, "n_head": 2, "vocab": 100, "repeats": 1, "budget": 4},
+    "default": {"T": 512, "batch": 1, "repeats": 5, "budget": 32,
+                "bases": {"4x256": {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 30522},
+                          "gpt2-small": {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab": 50257}}},
+    "toy": {"T": 32, "batch": 1, "repeats": 1, "budget": 4,
+            "bases": {"toy": {"n_embd": 32, "n_layer": 2, "n_head": 2, "vocab": 100}}},
 }
 
 
@@ -31,19 +34,22 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     c = PRESETS[preset]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=c["vocab"], n_positions=max(1024, c["T"]), n_embd=c["n_embd"],
-                                      n_layer=c["n_layer"], n_head=c["n_head"], bos_token_id=0, eos_token_id=0)).eval()
-    segs = [torch.randint(0, c["vocab"], (c["batch"], c["T"])) for _ in range(3)]
-    with torch.no_grad():
-        t_base, _ = median_time(lambda: base(input_ids=segs[2]), repeats=c["repeats"], warmup=1)
-    rows = [{"model": "base", "T": c["T"], "forward_s": t_base, "overhead": 0.0}]
-    for mode in ("token", "segment"):
-        for strategy in STRATEGIES:
-            rows.append(_time_cmr(base, segs, strategy, mode, c, t_base))
+    rows = []
+    for name, b in c["bases"].items():
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=b["vocab"], n_positions=max(1024, c["T"]), n_embd=b["n_embd"],
+                                          n_layer=b["n_layer"], n_head=b["n_head"], bos_token_id=0,
+                                          eos_token_id=0)).eval()
+        segs = [torch.randint(0, b["vocab"], (c["batch"], c["T"])) for _ in range(3)]
+        with torch.no_grad():
+            t_base, _ = median_time(lambda: base(input_ids=segs[2]), repeats=c["repeats"], warmup=1)
+        rows.append({"base": name, "model": "base", "T": c["T"], "forward_s": t_base, "overhead": 0.0})
+        for mode in ("token", "segment"):
+            for strategy in STRATEGIES:
+                rows.append({"base": name, **_time_cmr(base, segs, strategy, mode, c, t_base)})
     payload = {"suite": "cmr", "preset": preset, "results": rows, **provenance(c)}
     write_json(out_dir / "cmr.json", payload)
-    (out_dir / "cmr.md").write_text(markdown_table(rows, ["model", "T", "forward_s", "overhead", "retrieval_ms",
+    (out_dir / "cmr.md").write_text(markdown_table(rows, ["base", "model", "T", "forward_s", "overhead", "retrieval_ms",
                                                           "entries"]))
     _plot(rows, out_dir / "cmr.png")
     return payload
@@ -87,14 +93,13 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar([r["model"] for r in rows], [100 * r["overhead"] for r in rows])
-    ax.axhline(10, color="tab:red", ls="--", label="goal: 10 %")
-    ax.set_ylabel("overhead over the bare model (%)")
-    ax.set_xlabel("model")
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
+    ax.barh([f"{r['base']}: {r['model']}" for r in rows], [100 * r["overhead"] for r in rows])
+    ax.axvline(10, color="tab:red", ls="--", label="goal: 10 %")
+    ax.set_xlabel("overhead over the bare model (%)")
+    ax.set_ylabel("base: model")
     ax.set_title("CMR forward overhead per segment")
     ax.legend()
-    plt.setp(ax.get_xticklabels(), rotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -151,8 +151,9 @@ class Retriever:
         unit = F.normalize(states.float(), dim=-1)
         gram = unit @ unit.transpose(1, 2)  # [B, N, N]
         B, T, P = pool.shape
-        rows = torch.arange(B, device=pool.device)[:, None, None, None]
-        pair = gram[rows, pool[..., :, None], pool[..., None, :]]  # [B, T, P, P] cos within the pool
+        N = gram.shape[-1]
+        flat = (torch.arange(B, device=pool.device)[:, None, None, None] * N + pool[..., :, None]) * N + pool[..., None, :]
+        pair = torch.take(gram, flat)  # [B, T, P, P]: cos within each position's pool
         score0 = base.gather(-1, pool)
         max_sim = torch.zeros_like(score0)
         taken = torch.zeros_like(score0, dtype=torch.bool)
