@@ -320,3 +320,20 @@ def test_per_token_reweaving_equals_a_loop_over_positions():
     grads_slow = torch.autograd.grad((slow * g).sum(), [h, memory, bias, layer.gate, layer.attn.in_proj_weight])
     for a, b in zip(grads_fast, grads_slow):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_an_entry_is_read_as_the_state_that_followed_it():
+    model = CMRModel(tiny_gpt2(), {"relevance_threshold": 0.0, "target_layers": [1]})
+    seg = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        model(seg)
+        h = model.base(input_ids=seg, output_hidden_states=True).hidden_states[2]  # block 1's output
+    d = model.buffer.data[1]
+    assert d["states"].shape[0] == 2 * 15  # the last position waits for a successor
+    for row, pos, key, value in zip(d["row"], d["position"], d["states"], d["values"]):
+        torch.testing.assert_close(key, h[row, pos], rtol=0, atol=1e-5)
+        torch.testing.assert_close(value, h[row, pos + 1], rtol=0, atol=1e-5)
+    own = CMRModel(tiny_gpt2(), {"relevance_threshold": 0.0, "target_layers": [1], "memory_values": "self"})
+    with torch.no_grad():
+        own(seg)
+    assert torch.equal(own.buffer.data[1]["states"], own.buffer.data[1]["values"])

@@ -17,7 +17,8 @@ configuration answers the same held-out episodes. The buffer stores every state
 (``relevance_threshold 0``) and semantic retrieval has no similarity floor, so the strategies
 differ only in which ``budget`` entries each position picks; "all memories" reads the whole
 buffer (budget >= entries) as the upper reference. Retrieval is per token unless the row says
-"per segment" (the seed's one query per segment).
+"per segment" (the seed's one query per segment); an entry is read as the state that followed it
+(``memory_values='next'``) unless the row says "values = own state".
 
 Planted hit rate: at the query keys (the positions that predict a value), the share whose
 retrieved entries include a state of the asked fact (its key or value position in segment 0) in
@@ -42,7 +43,8 @@ from mnnn.models.cmr import CMRModel
 PRESETS = {
     "default": {"keys": 32, "filler": 32, "segment": 32, "n_facts": 8, "n_query": 8, "gap": 2, "n_embd": 64,
                 "n_layer": 3, "n_head": 4, "base_lr": 5e-4, "base_steps": 5000, "base_target": 0.97, "cmr_steps": 400, "batch": 32,
-                "budget": 32, "eval_episodes": 512, "segment_strategies": ("multi_criteria",)},
+                "budget": 32, "eval_episodes": 512, "segment_strategies": ("multi_criteria",),
+                "self_value_strategies": ("semantic",)},
     "toy": {"keys": 8, "filler": 8, "segment": 16, "n_facts": 4, "n_query": 4, "gap": 1, "n_embd": 16,
             "n_layer": 2, "n_head": 2, "base_lr": 1e-3, "base_steps": 3, "base_target": 0.97, "cmr_steps": 2, "batch": 4, "budget": 8,
             "eval_episodes": 8},
@@ -205,10 +207,10 @@ def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str) -> list[fl
     return losses
 
 
-def _cmr(gpt2, c, strategy: str, budget: int, mode: str = "token") -> CMRModel:
+def _cmr(gpt2, c, strategy: str, budget: int, mode: str = "token", values: str = "next") -> CMRModel:
     torch.manual_seed(3)
     return CMRModel(gpt2, {"retrieval_strategy": strategy, "retrieval_budget": budget, "similarity_threshold": -1.0,
-                           "retrieval_mode": mode,
+                           "retrieval_mode": mode, "memory_values": values,
                            "relevance_threshold": 0.0, "max_clusters": 8, "context_heads": 4,
                            "max_entries_per_layer": 100_000, "max_total_entries": 1_000_000,
                            "target_layers": list(range(c["n_layer"]))})
@@ -248,16 +250,19 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     rows.append({"model": "CMR untrained (gates closed)", "accuracy": evaluate(untrained, episodes)})
     _detach(untrained)
     curves = {}
-    configs = ([("all memories", "semantic", entries, "token")] + [(s, s, c["budget"], "token") for s in STRATEGIES]
-               + [(f"{s}, per segment", s, c["budget"], "segment") for s in c.get("segment_strategies", ())])
+    configs = ([("all memories", "semantic", entries, "token", "next")]
+               + [(s, s, c["budget"], "token", "next") for s in STRATEGIES]
+               + [(f"{s}, values = own state", s, c["budget"], "token", "self") for s in c.get("self_value_strategies", ())]
+               + [(f"{s}, per segment", s, c["budget"], "segment", "next") for s in c.get("segment_strategies", ())])
     last = str(c["n_layer"] - 1)
-    for label, strategy, budget, mode in configs:
-        model = _cmr(gpt2, c, strategy, budget, mode)
+    for label, strategy, budget, mode, values in configs:
+        model = _cmr(gpt2, c, strategy, budget, mode, values)
         start = time.perf_counter()
         curves[label] = train_cmr_episodes(model, c, progress, f"CMR {label}")
         details: dict = {}
         acc = evaluate(model, episodes, details=details)
-        rows.append({"model": f"CMR trained: {label}", "strategy": strategy, "mode": mode, "budget": budget,
+        rows.append({"model": f"CMR trained: {label}", "strategy": strategy, "mode": mode, "memory_values": values,
+                     "budget": budget,
                      "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9),
                      "accuracy_memory_off": evaluate(model, episodes, False),
                      "planted_hit_rate": details.get(last, {}).get("planted_hit_rate"),

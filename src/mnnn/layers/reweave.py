@@ -21,26 +21,28 @@ class ReweaveLayer(nn.Module):
         self.gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, h: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
-                weights: torch.Tensor | None = None) -> torch.Tensor:
-        """h ``[B, T, d]``; memory ``[B, K, d]``; mask ``[B, K]`` True where a memory exists;
-        optional ``weights [B, K]`` scale each memory's value (a trainable retrieval scorer)."""
+                weights: torch.Tensor | None = None, memory_values: torch.Tensor | None = None) -> torch.Tensor:
+        """h ``[B, T, d]``; memory ``[B, K, d]`` (keys); mask ``[B, K]`` True where a memory exists;
+        optional ``weights [B, K]`` scale each memory's value (a trainable retrieval scorer);
+        ``memory_values [B, K, d]`` (default: the keys) are what the attention reads."""
         has = mask.any(1)
         if not bool(has.any()):
             return h
         safe = mask | ~has[:, None]  # rows with nothing attend to padding, then are zeroed
         memory = self.norm_memory(memory.to(h.dtype))
-        values = memory if weights is None else memory * weights[..., None].to(h.dtype)
+        values = memory if memory_values is None else self.norm_memory(memory_values.to(h.dtype))
+        values = values if weights is None else values * weights[..., None].to(h.dtype)
         out, _ = self.attn(self.norm(h), memory, values, key_padding_mask=~safe,
                            need_weights=False)
         return h + torch.tanh(self.gate) * out * has[:, None, None].to(h.dtype)
 
     def forward_tokens(self, h: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
-                       bias: torch.Tensor | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None = None, memory_values: torch.Tensor | None = None) -> torch.Tensor:
         """Per-position reweaving: position t attends only to its own retrieved entries.
 
         h ``[B, T, d]``; memory ``[B, N, d]`` (a stream's entries); idx ``[B, T, k]`` into N;
         valid ``[B, T, k]``; optional ``bias [B, T, k]`` added to the attention logits (a learned
-        retrieval score). The same parameters as :meth:`forward` (one cross-attention, two modes).
+        retrieval score); ``memory_values [B, N, d]`` what is read (default: ``memory``). The same parameters as :meth:`forward` (one cross-attention, two modes).
         Keys and values are projected once per entry, then gathered: O(B T k d), no loop over t.
         """
         B, T, d = h.shape
@@ -53,6 +55,11 @@ class ReweaveLayer(nn.Module):
         N = mem.shape[1]
         rows = (idx + N * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)  # whole-row copies
         picked = mem.reshape(B * N, d).index_select(0, rows).view(B * T, k, d)
+        if memory_values is None:
+            picked_values = picked
+        else:
+            vals = self.norm_memory(memory_values.to(h.dtype))
+            picked_values = vals.reshape(B * N, d).index_select(0, rows).view(B * T, k, d)
         # keys folded into the query: q_h . (W_k,h m + b_k,h) = (W_k,h^T q_h) . m + q_h . b_k,h
         q = F.linear(self.norm(h), w_q, b_q).view(B * T, heads, hd)
         q_mem = torch.einsum("nhe,hed->nhd", q, w_k.view(heads, hd, d))  # [B T, heads, d]
@@ -64,7 +71,7 @@ class ReweaveLayer(nn.Module):
         logits = logits.masked_fill(~(valid | ~has[..., None]).reshape(B * T, 1, k), float("-inf"))
         attn = torch.softmax(logits, dim=-1)
         # values after the mixing: sum_k a_k (W_v,h m_k + b_v,h) = W_v,h (sum_k a_k m_k) + b_v,h
-        mixed = torch.bmm(attn, picked)  # [B T, heads, d]
+        mixed = torch.bmm(attn, picked_values)  # [B T, heads, d]
         out = (torch.einsum("nhd,hed->nhe", mixed, w_v.view(heads, hd, d)) + b_v.view(heads, hd)).reshape(B, T, d)
         out = self.attn.out_proj(out)
         return h + torch.tanh(self.gate) * out * has[..., None].to(h.dtype)

@@ -11,12 +11,13 @@ import torch
 from mnnn.serialization import load_tensors, save_tensors
 
 EVICTION = ("lru", "relevance", "lru_relevance")
-_FIELDS = ("states", "relevance", "segment", "last_access", "row", "position", "next_token")
+_FIELDS = ("states", "values", "relevance", "segment", "last_access", "row", "position", "next_token")
 _GENERATION = itertools.count(1)  # process-wide, never reset: a content key no clear() can reuse
 
 
 class LayeredMemoryBuffer:
-    """One store per target layer: ``states [N, d]``, ``relevance [N]``, ``segment [N]`` (when
+    """One store per target layer: ``states [N, d]`` (the keys retrieval scores), ``values [N, d]``
+    (what reweaving reads: the state itself, or the next position's), ``relevance [N]``, ``segment [N]`` (when
     written), ``last_access [N]`` (segment of the last retrieval, or of the write), ``row [N]``
     (the batch row / stream it belongs to), ``position [N]`` (its position in the segment that
     wrote it) and ``next_token [N]`` (the token that followed it; -1 when unknown).
@@ -45,7 +46,8 @@ class LayeredMemoryBuffer:
         self.clear()
 
     def clear(self) -> None:
-        self.data = {layer: {"states": torch.zeros(0, self.dim), "relevance": torch.zeros(0),
+        self.data = {layer: {"states": torch.zeros(0, self.dim), "values": torch.zeros(0, self.dim),
+                             "relevance": torch.zeros(0),
                              "segment": torch.zeros(0, dtype=torch.long),
                              "last_access": torch.zeros(0, dtype=torch.long),
                              "row": torch.zeros(0, dtype=torch.long),
@@ -61,13 +63,16 @@ class LayeredMemoryBuffer:
 
     @torch.no_grad()
     def add(self, layer: int, states: torch.Tensor, relevance: torch.Tensor, segment: int, rows: torch.Tensor,
-            positions: torch.Tensor | None = None, next_tokens: torch.Tensor | None = None) -> None:
+            positions: torch.Tensor | None = None, next_tokens: torch.Tensor | None = None,
+            values: torch.Tensor | None = None) -> None:
         d = self.data[layer]
         n = states.shape[0]
         if n == 0:
             return
         dev = states.device
-        new = {"states": states.detach().to(d["states"].dtype), "relevance": relevance.detach().float(),
+        new = {"states": states.detach().to(d["states"].dtype),
+               "values": (states if values is None else values).detach().to(d["states"].dtype),
+               "relevance": relevance.detach().float(),
                "segment": torch.full((n,), segment, dtype=torch.long, device=dev),
                "last_access": torch.full((n,), segment, dtype=torch.long, device=dev), "row": rows.long(),
                "position": (torch.full((n,), -1, dtype=torch.long, device=dev) if positions is None
@@ -177,6 +182,8 @@ class LayeredMemoryBuffer:
                     buf.data[layer][key] = tensors[name]
                 elif key in ("position", "next_token"):  # files written before these were stored
                     buf.data[layer][key] = torch.full((tensors[f"{layer}/row"].shape[0],), -1, dtype=torch.long)
+                elif key == "values":
+                    buf.data[layer][key] = tensors[f"{layer}/states"].clone()
                 else:
                     raise ValueError(f"{path} misses tensor {name!r}")
         return buf

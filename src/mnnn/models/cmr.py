@@ -66,6 +66,7 @@ class CMRConfig:
     reconstruction_method: str = "cross_attention"
     reweave_heads: int = 4
     retrieval_mode: str = "token"
+    memory_values: str = "next"  # what an entry gives when read: the next position's state, or its own
     layer_indexing: str = "block"  # 'hidden_states': the seed's numbering, L = output of block L - 1
     enable_adaptive_thresholds: bool = False
     target_keep_fraction: float = 0.5  # adaptive thresholds: the share of positions stored
@@ -79,6 +80,8 @@ class CMRConfig:
                 raise ValueError(f"{key}=True is not supported: {why}; leave it False")
         if self.retrieval_mode not in MODES:
             raise ValueError(f"retrieval_mode must be one of {MODES}, got {self.retrieval_mode!r}")
+        if self.memory_values not in ("next", "self"):
+            raise ValueError(f"memory_values must be 'next' or 'self', got {self.memory_values!r}")
         if self.layer_indexing not in INDEXING:
             raise ValueError(f"layer_indexing must be one of {INDEXING}, got {self.layer_indexing!r}")
         if not 0.0 < self.target_keep_fraction <= 1.0:
@@ -244,8 +247,8 @@ class CMRModel(nn.Module):
                 hidden = self._reweave_tokens(layer, hidden)
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             if layer in self._retrieved:
-                memory, mask, weights = self._retrieved[layer]
-                hidden = self.reweavers[str(layer)](hidden, memory, mask, weights)
+                memory, mask, weights, values = self._retrieved[layer]
+                hidden = self.reweavers[str(layer)](hidden, memory, mask, weights, values)
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             return output
 
@@ -268,7 +271,8 @@ class CMRModel(nn.Module):
         self.stats["retrieval_s"] += time.perf_counter() - start
         with torch.no_grad():
             self._token_stats(layer, view, idx, valid)
-        return self.reweavers[str(layer)].forward_tokens(hidden, view["states"].to(hidden.device), idx, valid, bias)
+        return self.reweavers[str(layer)].forward_tokens(hidden, view["states"].to(hidden.device), idx, valid, bias,
+                                                         view["values"].to(hidden.device))
 
     @torch.no_grad()
     def _token_stats(self, layer: int, view, idx: torch.Tensor, valid: torch.Tensor) -> None:
@@ -313,11 +317,13 @@ class CMRModel(nn.Module):
             K = max((p.numel() for p in picks), default=0)
             if K == 0:
                 continue
-            states = self.buffer.data[layer]["states"]
+            states, stored_values = self.buffer.data[layer]["states"], self.buffer.data[layer]["values"]
             memory = states.new_zeros(batch, K, states.shape[1])
+            values = torch.zeros_like(memory)
             mask = torch.zeros(batch, K, dtype=torch.bool, device=states.device)
             for b, p in enumerate(picks):
                 memory[b, : p.numel()] = states[p]
+                values[b, : p.numel()] = stored_values[p]
                 mask[b, : p.numel()] = True
                 self.buffer.touch(layer, p, self.segment)
             weights = None
@@ -325,7 +331,7 @@ class CMRModel(nn.Module):
                 weights = torch.stack([torch.softmax(self.scorer(self._summary[layer][b], memory[b]).masked_fill(
                     ~mask[b], float("-inf")), 0) for b in range(batch)])
                 weights = (weights * mask.sum(1, keepdim=True)).to(device)
-            self._retrieved[layer] = (memory.to(device), mask.to(device), weights)
+            self._retrieved[layer] = (memory.to(device), mask.to(device), weights, values.to(device))
             self.stats["retrieved"] += int(mask.sum())
         self.stats["reads"] += 1
         self.stats["reads_with_memory"] += int(bool(self._retrieved))
@@ -339,10 +345,15 @@ class CMRModel(nn.Module):
             self._summary[layer] = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
             score = relevance_scores(h, self.config.scoring_method)
             keep = (score >= self.relevance_threshold) & valid
+            values = h
+            if self.config.memory_values == "next":  # (state, what came next): the last position waits
+                values = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], 1)
+                keep[:, -1] = False
+                keep[:, :-1] &= valid[:, 1:]
             rows = torch.arange(B, device=h.device)[:, None].expand(B, T)[keep]
             positions = torch.arange(T, device=h.device)[None].expand(B, T)[keep]
             self.buffer.add(layer, h[keep], score[keep], self.segment, rows, positions,
-                            _next_tokens(input_ids, attention_mask)[keep])
+                            _next_tokens(input_ids, attention_mask)[keep], values[keep])
             if layer == self.target_layers[0]:
                 self.stats["stored"] += int(keep.sum())
                 self.stats["offered"] += int(valid.sum())
