@@ -337,3 +337,25 @@ def test_an_entry_is_read_as_the_state_that_followed_it():
     with torch.no_grad():
         own(seg)
     assert torch.equal(own.buffer.data[1]["states"], own.buffer.data[1]["values"])
+
+
+@pytest.mark.parametrize("dim", [8, 300])  # both pool-similarity paths (gathered vectors / Gram matrix)
+def test_diverse_topk_equals_a_greedy_loop(dim):
+    torch.manual_seed(0)
+    r = Retriever("multi_criteria", budget=4)
+    B, T, N, k = 2, 3, 12, 4
+    states = torch.randn(B, N, dim, dtype=torch.float64)
+    base = torch.rand(B, T, N, dtype=torch.float64)
+    fast = r._diverse_topk(base, states, k)
+    unit = torch.nn.functional.normalize(states, dim=-1)
+    w = r.weights["diversity"]
+    for b in range(B):
+        for t in range(T):
+            pool = base[b, t].topk(2 * k).indices.tolist()
+            chosen: list[int] = []
+            for _ in range(k):
+                def score(i):
+                    div = 1 - max([float((unit[b, i] @ unit[b, j]).clamp_min(0)) for j in chosen], default=0.0)
+                    return float(base[b, t, i]) + w * div
+                chosen.append(max((i for i in pool if i not in chosen), key=score))
+            assert fast[b, t].tolist() == chosen

@@ -149,11 +149,17 @@ class Retriever:
         runs ``k`` times)."""
         pool = base.topk(min(2 * k, base.shape[-1]), dim=-1).indices  # [B, T, P]
         unit = F.normalize(states.float(), dim=-1)
-        gram = unit @ unit.transpose(1, 2)  # [B, N, N]
         B, T, P = pool.shape
-        N = gram.shape[-1]
-        flat = (torch.arange(B, device=pool.device)[:, None, None, None] * N + pool[..., :, None]) * N + pool[..., None, :]
-        pair = torch.take(gram, flat)  # [B, T, P, P]: cos within each position's pool
+        N, d = unit.shape[1], unit.shape[2]
+        if d <= 4 * P:  # narrow states: gather the pool's vectors, one batched matmul
+            rows = (pool + N * torch.arange(B, device=pool.device)[:, None, None]).reshape(-1)
+            vec = unit.reshape(B * N, d).index_select(0, rows).view(B * T, P, d)
+            pair = torch.bmm(vec, vec.transpose(1, 2)).view(B, T, P, P)
+        else:  # wide states: the stream's Gram matrix once, then read the pool's pairs
+            gram = unit @ unit.transpose(1, 2)  # [B, N, N]
+            flat = (torch.arange(B, device=pool.device)[:, None, None, None] * N + pool[..., :, None]) * N \
+                + pool[..., None, :]
+            pair = torch.take(gram, flat)  # [B, T, P, P]: cos within each position's pool
         score0 = base.gather(-1, pool)
         max_sim = torch.zeros_like(score0)
         taken = torch.zeros_like(score0, dtype=torch.bool)
