@@ -269,6 +269,11 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                      "planted_hit_chance": details.get(last, {}).get("chance"), "planted_hits_per_layer": details,
                      "train_s": time.perf_counter() - start,
                      "gates": {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()}})
+        if progress:
+            r = rows[-1]
+            tqdm.write(f"{r['model']}: accuracy {r['accuracy']:.3f} ({r['vs_in_window']:.2f} x in-window "
+                       f"{in_window:.3f}), memory off {r['accuracy_memory_off']:.3f}, planted hit rate "
+                       f"{r['planted_hit_rate']} (chance {r['planted_hit_chance']})")
         _detach(model)
     payload = {"suite": "cmr-recall", "preset": preset, "chance": 1.0 / c["keys"], "buffer_entries_per_layer": entries,
                "results": rows, "base_train_s": base_s, "base_steps_run": len(base_accs),
