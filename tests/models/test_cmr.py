@@ -31,9 +31,12 @@ def _segments(seed=0):
 
 
 def _open_gates(model, value=2.0):
+    """What training does: a non-zero output projection (zero at init) and an open gate."""
+    g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for r in model.reweavers.values():
             r.gate.fill_(value)
+            r.attn.out_proj.weight.copy_(torch.randn(r.attn.out_proj.weight.shape, generator=g) * 0.2)
 
 
 @pytest.mark.parametrize("mode", ["token", "segment"])
@@ -295,6 +298,8 @@ def test_per_token_reweaving_equals_a_loop_over_positions():
     with torch.no_grad():
         layer.gate.fill_(0.7)
         layer.attn.in_proj_bias.normal_()
+        layer.attn.out_proj.weight.normal_()
+        layer.attn.out_proj.bias.normal_()
     B, T, N, k = 2, 5, 7, 3
     h = torch.randn(B, T, 16, dtype=torch.float64, requires_grad=True)
     memory = torch.randn(B, N, 16, dtype=torch.float64, requires_grad=True)
