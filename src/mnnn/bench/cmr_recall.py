@@ -42,7 +42,7 @@ from mnnn.models.cmr import CMRModel
 
 PRESETS = {
     "default": {"keys": 32, "filler": 32, "segment": 32, "n_facts": 8, "n_query": 8, "gap": 2, "n_embd": 64,
-                "n_layer": 3, "n_head": 4, "base_lr": 5e-4, "base_steps": 5000, "base_target": 0.97, "cmr_steps": 400, "batch": 32,
+                "n_layer": 3, "n_head": 4, "base_lr": 5e-4, "base_steps": 5000, "base_target": 0.97, "cmr_steps": 500, "batch": 32,
                 "budget": 32, "eval_episodes": 512, "segment_strategies": ("multi_criteria",),
                 "self_value_strategies": ("semantic",)},
     "toy": {"keys": 8, "filler": 8, "segment": 16, "n_facts": 4, "n_query": 4, "gap": 1, "n_embd": 16,

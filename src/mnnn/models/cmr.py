@@ -67,6 +67,7 @@ class CMRConfig:
     reweave_heads: int = 4
     retrieval_mode: str = "token"
     memory_values: str = "next"  # what an entry gives when read: the next position's state, or its own
+    center_keys: bool = True  # per-token cosine after subtracting the stream's mean entry
     layer_indexing: str = "block"  # 'hidden_states': the seed's numbering, L = output of block L - 1
     enable_adaptive_thresholds: bool = False
     target_keep_fraction: float = 0.5  # adaptive thresholds: the share of positions stored
@@ -201,7 +202,8 @@ class CMRModel(nn.Module):
         self.buffer = LayeredMemoryBuffer(self.target_layers, dim, cfg.max_entries_per_layer, cfg.max_total_entries,
                                           cfg.eviction_strategy)
         self.retriever = Retriever(cfg.retrieval_strategy, cfg.similarity_threshold, cfg.retrieval_budget,
-                                   cfg.cache_size, cfg.max_clusters, cfg.criteria_weights, self.scorer)
+                                   cfg.cache_size, cfg.max_clusters, cfg.criteria_weights, self.scorer,
+                                   center=cfg.center_keys)
         self.relevance_threshold = cfg.relevance_threshold
         self._handles = [self.blocks[layer].register_forward_hook(self._hook(layer)) for layer in self.target_layers]
         self._retrieved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
