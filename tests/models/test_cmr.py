@@ -364,3 +364,18 @@ def test_diverse_topk_equals_a_greedy_loop(dim):
                     return float(base[b, t, i]) + w * div
                 chosen.append(max((i for i in pool if i not in chosen), key=score))
             assert fast[b, t].tolist() == chosen
+
+
+def test_generate_reads_memory_per_token_and_the_switch_gives_the_base():
+    model = CMRModel(tiny_gpt2(), {"relevance_threshold": 0.0, "similarity_threshold": -1.0})
+    _open_gates(model)
+    s1, s2 = _segments()
+    with torch.no_grad():
+        model(s1)
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    off = model.generate(s2[:, :4], use_memory=False, **kwargs)
+    assert torch.equal(off, model.base.generate(input_ids=s2[:, :4], **kwargs))
+    before = model.stats["retrieved"]
+    on = model.generate(s2[:, :4], **kwargs)
+    assert on.shape == off.shape and model.stats["retrieved"] > before
+    assert model.buffer.size(model.target_layers[0]) == 2 * 15  # generating stores nothing
