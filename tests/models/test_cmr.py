@@ -307,7 +307,8 @@ def test_per_token_reweaving_equals_a_loop_over_positions():
     valid = torch.rand(B, T, k) > 0.3
     valid[0, 0] = False  # a position with nothing retrieved keeps its state
     bias = torch.randn(B, T, k, dtype=torch.float64, requires_grad=True)
-    fast = layer.forward_tokens(h, memory, idx, valid, bias)
+    similarity = torch.rand(B, T, k, dtype=torch.float64)
+    fast = layer.forward_tokens(h, memory, idx, valid, bias, similarity=similarity)
     rows = []
     for b in range(B):
         for t in range(T):
@@ -315,14 +316,16 @@ def test_per_token_reweaving_equals_a_loop_over_positions():
                 rows.append(h[b, t])
                 continue
             m = layer.norm_memory(memory[b, idx[b, t][valid[b, t]]])[None]
-            attn_mask = bias[b, t][valid[b, t]][None, None].expand(4, 1, -1)  # float mask = logit bias
+            logit_bias = bias[b, t] + layer.similarity_scale * similarity[b, t]
+            attn_mask = logit_bias[valid[b, t]][None, None].expand(4, 1, -1)  # float mask = logit bias
             out, _ = layer.attn(layer.norm(h[b, t])[None, None], m, m, attn_mask=attn_mask, need_weights=False)
             rows.append(h[b, t] + torch.tanh(layer.gate) * out[0, 0])
     slow = torch.stack(rows).view(B, T, 16)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(fast)
-    grads_fast = torch.autograd.grad((fast * g).sum(), [h, memory, bias, layer.gate, layer.attn.in_proj_weight])
-    grads_slow = torch.autograd.grad((slow * g).sum(), [h, memory, bias, layer.gate, layer.attn.in_proj_weight])
+    wrt = [h, memory, bias, layer.gate, layer.similarity_scale, layer.attn.in_proj_weight]
+    grads_fast = torch.autograd.grad((fast * g).sum(), wrt)
+    grads_slow = torch.autograd.grad((slow * g).sum(), wrt)
     for a, b in zip(grads_fast, grads_slow):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
@@ -338,6 +341,13 @@ def test_an_entry_is_read_as_the_state_that_followed_it():
     for row, pos, key, value in zip(d["row"], d["position"], d["states"], d["values"]):
         torch.testing.assert_close(key, h[row, pos], rtol=0, atol=1e-5)
         torch.testing.assert_close(value, h[row, pos + 1], rtol=0, atol=1e-5)
+    tok = CMRModel(tiny_gpt2(), {"relevance_threshold": 0.0, "target_layers": [1], "memory_values": "next_token"})
+    with torch.no_grad():
+        tok(seg)
+    d = tok.buffer.data[1]
+    wte = tok.base.get_input_embeddings().weight
+    for row, pos, value in zip(d["row"], d["position"], d["values"]):
+        torch.testing.assert_close(value, wte[seg[row, pos + 1]], rtol=0, atol=0)
     own = CMRModel(tiny_gpt2(), {"relevance_threshold": 0.0, "target_layers": [1], "memory_values": "self"})
     with torch.no_grad():
         own(seg)

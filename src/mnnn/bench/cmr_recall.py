@@ -18,7 +18,8 @@ configuration answers the same held-out episodes. The buffer stores every state
 differ only in which ``budget`` entries each position picks; "all memories" reads the whole
 buffer (budget >= entries) as the upper reference. Retrieval is per token unless the row says
 "per segment" (the seed's one query per segment); an entry is read as the state that followed it
-(``memory_values='next'``) unless the row says "values = own state".
+(``memory_values='next'``) unless the row names another value ("own state": the entry itself;
+"next token's embedding": the base's input embedding of the token that followed).
 
 Planted hit rate: at the query keys (the positions that predict a value), the share whose
 retrieved entries include a state of the asked fact (its key or value position in segment 0) in
@@ -44,7 +45,7 @@ PRESETS = {
     "default": {"keys": 32, "filler": 32, "segment": 32, "n_facts": 8, "n_query": 8, "gap": 2, "n_embd": 64,
                 "n_layer": 3, "n_head": 4, "base_lr": 5e-4, "base_steps": 5000, "base_target": 0.97, "cmr_steps": 500, "batch": 32,
                 "budget": 32, "eval_episodes": 512, "segment_strategies": ("multi_criteria",),
-                "self_value_strategies": ("semantic",)},
+                "value_ablations": (("semantic", "self"), ("semantic", "next_token"))},
     "toy": {"keys": 8, "filler": 8, "segment": 16, "n_facts": 4, "n_query": 4, "gap": 1, "n_embd": 16,
             "n_layer": 2, "n_head": 2, "base_lr": 1e-3, "base_steps": 3, "base_target": 0.97, "cmr_steps": 2, "batch": 4, "budget": 8,
             "eval_episodes": 8},
@@ -207,6 +208,9 @@ def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str) -> list[fl
     return losses
 
 
+_VALUE_LABEL = {"self": "own state", "next_token": "next token's embedding", "next": "next state"}
+
+
 def _cmr(gpt2, c, strategy: str, budget: int, mode: str = "token", values: str = "next") -> CMRModel:
     torch.manual_seed(3)
     return CMRModel(gpt2, {"retrieval_strategy": strategy, "retrieval_budget": budget, "similarity_threshold": -1.0,
@@ -252,7 +256,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     curves = {}
     configs = ([("all memories", "semantic", entries, "token", "next")]
                + [(s, s, c["budget"], "token", "next") for s in STRATEGIES]
-               + [(f"{s}, values = own state", s, c["budget"], "token", "self") for s in c.get("self_value_strategies", ())]
+               + [(f"{s}, values = {_VALUE_LABEL[v]}", s, c["budget"], "token", v) for s, v in c.get("value_ablations", ())]
                + [(f"{s}, per segment", s, c["budget"], "segment", "next") for s in c.get("segment_strategies", ())])
     last = str(c["n_layer"] - 1)
     for label, strategy, budget, mode, values in configs:

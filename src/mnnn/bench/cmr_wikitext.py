@@ -4,7 +4,8 @@ with and without CMR memory.
 1. A small GPT-2 (Hugging Face ``GPT2LMHeadModel``, random init) is trained by mnnn's LM loop on
    the train split with a context of one segment (no model is downloaded).
 2. CMR wraps it (base frozen) and only its parameters train on train-split segments read in
-   order with the memory carried (:func:`mnnn.models.cmr.train_cmr`).
+   order with the memory carried (:func:`mnnn.models.cmr.train_cmr`), once per kind of memory
+   value (``memory_values``: the next position's state, the next token's embedding).
 3. The valid slice is read in segments by parallel streams: the base alone, CMR untrained (must
    equal the base), and CMR trained, with memory on and off. ppl = exp(total NLL / tokens).
 """
@@ -29,9 +30,10 @@ from mnnn.training.lm import batchify, train_lm
 
 PRESETS = {
     "default": {"segment": 128, "n_embd": 128, "n_layer": 2, "n_head": 4, "base_budget_s": 180,
-                "cmr_steps": 150, "streams": 8, "valid_tokens": 50_000, "strategy": "multi_criteria"},
+                "cmr_steps": 150, "cmr_lr": 3e-3, "streams": 8, "valid_tokens": 50_000, "strategy": "multi_criteria",
+                "values": ("next", "next_token")},
     "toy": {"segment": 16, "n_embd": 16, "n_layer": 2, "n_head": 2, "base_budget_s": 2, "cmr_steps": 3,
-            "streams": 2, "valid_tokens": 400, "strategy": "semantic"},
+            "cmr_lr": 3e-3, "streams": 2, "valid_tokens": 400, "strategy": "semantic", "values": ("next",)},
 }
 
 
@@ -85,25 +87,33 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                          time_budget_s=c["base_budget_s"], progress=progress)
     base_s = time.perf_counter() - start
     gpt2.eval()
-    model = CMRModel(gpt2, {"retrieval_strategy": c["strategy"], "retrieval_budget": 32,
-                            "similarity_threshold": 0.0, "max_entries_per_layer": 4000})
-    rows = [{"model": "base (no memory)", "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], False)},
-            {"model": "CMR untrained, memory on", "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], True)}]
-    start = time.perf_counter()
-    losses = train_cmr(model, torch.as_tensor(train[:2_000_000]).long(), c["segment"], c["cmr_steps"],
-                       learning_rate=1e-3, batch_size=8)
-    cmr_s = time.perf_counter() - start
-    rows.append({"model": "CMR trained, memory on",
-                 "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], True)})
-    memory_info = model.memory_info()  # of the memory-on pass (the next pass resets it)
-    rows.append({"model": "CMR trained, memory off",
-                 "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], False)})
-    gates = {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()}
+    rows, cmr_s, losses, gates, memory_info = [], {}, {}, {}, {}
+    for values in c["values"]:
+        model = CMRModel(gpt2, {"retrieval_strategy": c["strategy"], "retrieval_budget": 32, "memory_values": values,
+                                "similarity_threshold": 0.0, "max_entries_per_layer": 4000})
+        if not rows:
+            rows = [{"model": "base (no memory)",
+                     "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], False)},
+                    {"model": "CMR untrained, memory on",
+                     "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], True)}]
+        start = time.perf_counter()
+        losses[values] = train_cmr(model, torch.as_tensor(train[:2_000_000]).long(), c["segment"], c["cmr_steps"],
+                                   learning_rate=c["cmr_lr"], batch_size=8)
+        cmr_s[values] = time.perf_counter() - start
+        label = f"CMR trained (values: {values})"
+        on = segment_ppl(model, valid, c["streams"], c["segment"], True)
+        memory_info[values] = model.memory_info()  # of the memory-on pass (the next pass resets it)
+        off = segment_ppl(model, valid, c["streams"], c["segment"], False)
+        rows += [{"model": f"{label}, memory on", "valid_ppl": on, "vs_base": on / rows[0]["valid_ppl"]},
+                 {"model": f"{label}, memory off", "valid_ppl": off}]
+        gates[values] = {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()}
+        for h in model._handles:
+            h.remove()
     payload = {"suite": "cmr-wikitext", "preset": preset, "results": rows, "base_train_steps": base_hist["steps"],
                "base_train_s": base_s, "cmr_train_s": cmr_s, "cmr_losses": losses, "gates": gates,
                "memory_info": memory_info, "valid_tokens": len(valid), **provenance(c)}
     write_json(out_dir / "cmr_wikitext.json", payload)
-    (out_dir / "cmr_wikitext.md").write_text(markdown_table(rows, ["model", "valid_ppl"]))
+    (out_dir / "cmr_wikitext.md").write_text(markdown_table(rows, ["model", "valid_ppl", "vs_base"]))
     _plot(rows, out_dir / "cmr_wikitext.png")
     return payload
 

@@ -24,6 +24,7 @@ class ReweaveLayer(nn.Module):
         nn.init.zeros_(self.attn.out_proj.weight)
         nn.init.zeros_(self.attn.out_proj.bias)
         self.gate = nn.Parameter(torch.ones(()))
+        self.similarity_scale = nn.Parameter(torch.tensor(10.0))  # for a retrieval cosine given as bias
 
     def forward(self, h: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
                 weights: torch.Tensor | None = None, memory_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,12 +43,15 @@ class ReweaveLayer(nn.Module):
         return h + torch.tanh(self.gate) * out * has[:, None, None].to(h.dtype)
 
     def forward_tokens(self, h: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
-                       bias: torch.Tensor | None = None, memory_values: torch.Tensor | None = None) -> torch.Tensor:
+                       bias: torch.Tensor | None = None, memory_values: torch.Tensor | None = None,
+                       similarity: torch.Tensor | None = None) -> torch.Tensor:
         """Per-position reweaving: position t attends only to its own retrieved entries.
 
         h ``[B, T, d]``; memory ``[B, N, d]`` (a stream's entries); idx ``[B, T, k]`` into N;
         valid ``[B, T, k]``; optional ``bias [B, T, k]`` added to the attention logits (a learned
-        retrieval score); ``memory_values [B, N, d]`` what is read (default: ``memory``). The same parameters as :meth:`forward` (one cross-attention, two modes).
+        retrieval score); ``similarity [B, T, k]`` a retrieval cosine, added times the learned
+        ``similarity_scale`` (initially 10, as the continuous cache's theta); ``memory_values
+        [B, N, d]`` what is read (default: ``memory``). The same parameters as :meth:`forward` (one cross-attention, two modes).
         Keys and values are projected once per entry, then gathered: O(B T k d), no loop over t.
         """
         B, T, d = h.shape
@@ -72,6 +76,8 @@ class ReweaveLayer(nn.Module):
                   + (q * b_k.view(heads, hd)).sum(-1, keepdim=True)) / hd ** 0.5  # [B T, heads, k]
         if bias is not None:
             logits = logits + bias.to(logits.dtype).reshape(B * T, 1, k)
+        if similarity is not None:
+            logits = logits + self.similarity_scale * similarity.to(logits.dtype).reshape(B * T, 1, k)
         has = valid.any(-1)  # [B, T]
         logits = logits.masked_fill(~(valid | ~has[..., None]).reshape(B * T, 1, k), float("-inf"))
         attn = torch.softmax(logits, dim=-1)

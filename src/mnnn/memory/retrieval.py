@@ -107,9 +107,10 @@ class Retriever:
 
         ``view``: :meth:`LayeredMemoryBuffer.padded` of one layer (``states [B, N, d]``, ``mask``,
         ``relevance``, ``segment``); ``query [B, T, d]``: the positions' own hidden states.
-        Returns ``idx [B, T, k]`` (into the padded N), ``valid [B, T, k]`` and, for the learned
-        'contextual' rule, ``bias [B, T, k]`` (its scores, differentiable: the reweaving adds
-        them to its attention logits so the scorer learns from the loss), else None.
+        Returns ``idx [B, T, k]`` (into the padded N), ``valid [B, T, k]`` and ``bias [B, T, k]``:
+        for the learned 'contextual' rule its scores (differentiable: the reweaving adds them to
+        its attention logits so the scorer learns from the loss), for the other rules the picked
+        entries' cosine (the reweaving adds it times a learned scale, as a continuous cache does).
         Entries of stream b are only ever scored against stream b's positions.
         """
         states, mask = view["states"].to(query.device), view["mask"].to(query.device)
@@ -143,6 +144,8 @@ class Retriever:
         valid = torch.isfinite(ranked.gather(-1, idx))
         if self.strategy == "contextual":
             bias = score.gather(-1, idx)
+        else:  # the picked entries' cosine: the reweaving scales it into its attention logits
+            bias = sim.gather(-1, idx).masked_fill(~valid, 0.0).to(query.dtype)
         return idx, valid, bias
 
     def _centered(self, query: torch.Tensor, states: torch.Tensor, mask: torch.Tensor):

@@ -66,7 +66,9 @@ class CMRConfig:
     reconstruction_method: str = "cross_attention"
     reweave_heads: int = 4
     retrieval_mode: str = "token"
-    memory_values: str = "next"  # what an entry gives when read: the next position's state, or its own
+    # what an entry gives when read: 'next' the next position's state, 'next_token' the base's input
+    # embedding of the token that followed (kNN-LM's value), 'self' the entry's own state
+    memory_values: str = "next"
     center_keys: bool = True  # per-token cosine after subtracting the stream's mean entry
     layer_indexing: str = "block"  # 'hidden_states': the seed's numbering, L = output of block L - 1
     enable_adaptive_thresholds: bool = False
@@ -81,8 +83,8 @@ class CMRConfig:
                 raise ValueError(f"{key}=True is not supported: {why}; leave it False")
         if self.retrieval_mode not in MODES:
             raise ValueError(f"retrieval_mode must be one of {MODES}, got {self.retrieval_mode!r}")
-        if self.memory_values not in ("next", "self"):
-            raise ValueError(f"memory_values must be 'next' or 'self', got {self.memory_values!r}")
+        if self.memory_values not in ("next", "next_token", "self"):
+            raise ValueError(f"memory_values must be 'next', 'next_token' or 'self', got {self.memory_values!r}")
         if self.layer_indexing not in INDEXING:
             raise ValueError(f"layer_indexing must be one of {INDEXING}, got {self.layer_indexing!r}")
         if not 0.0 < self.target_keep_fraction <= 1.0:
@@ -273,8 +275,10 @@ class CMRModel(nn.Module):
         self.stats["retrieval_s"] += time.perf_counter() - start
         with torch.no_grad():
             self._token_stats(layer, view, idx, valid)
-        return self.reweavers[str(layer)].forward_tokens(hidden, view["states"].to(hidden.device), idx, valid, bias,
-                                                         view["values"].to(hidden.device))
+        learned = self.config.retrieval_strategy == "contextual"
+        return self.reweavers[str(layer)].forward_tokens(
+            hidden, view["states"].to(hidden.device), idx, valid, bias if learned else None,
+            view["values"].to(hidden.device), None if learned else bias)
 
     @torch.no_grad()
     def _token_stats(self, layer: int, view, idx: torch.Tensor, valid: torch.Tensor) -> None:
@@ -348,8 +352,12 @@ class CMRModel(nn.Module):
             score = relevance_scores(h, self.config.scoring_method)
             keep = (score >= self.relevance_threshold) & valid
             values = h
-            if self.config.memory_values == "next":  # (state, what came next): the last position waits
-                values = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], 1)
+            if self.config.memory_values != "self":  # (state, what came next): the last position waits
+                if self.config.memory_values == "next":
+                    values = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], 1)
+                else:
+                    nxt = _next_tokens(input_ids, attention_mask).clamp_min(0)
+                    values = self.base.get_input_embeddings()(nxt).to(h.dtype)
                 keep[:, -1] = False
                 keep[:, :-1] &= valid[:, 1:]
             rows = torch.arange(B, device=h.device)[:, None].expand(B, T)[keep]
