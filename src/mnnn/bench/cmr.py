@@ -4,8 +4,8 @@ GPT-2-architecture models (random weights: the overhead does not depend on them;
 one and GPT-2 small's geometry, 12 x 768, the seed's example base) read
 segments of T tokens; the bare model and CMR (memory of the 2 earlier segments, restored before
 every repeat; every retrieval strategy, per token and per segment) are timed on the same segment
-in the same process. Verification first: with the gates closed CMR's logits equal the base
-model's.
+in the same process. Verification first: an untrained CMR's logits (zero output projection)
+equal the base model's.
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
             {"model": "base, facts beyond window", "accuracy": None}]
     untrained = _cmr(gpt2, c, "semantic", entries)
     rows[1]["accuracy"] = evaluate(untrained, episodes, use_memory=False)
-    rows.append({"model": "CMR untrained (gates closed)", "accuracy": evaluate(untrained, episodes)})
+    rows.append({"model": "CMR untrained (output projection 0)", "accuracy": evaluate(untrained, episodes)})
     _detach(untrained)
     curves = {}
     configs = ([("all memories", "semantic", entries, "token", "next")]
