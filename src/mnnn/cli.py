@@ -162,23 +162,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_checkpoint_model(path: str):
-    from mnnn.lm import build_model
-    from mnnn.training.checkpoint import load_checkpoint, restore
-
-    tensors, meta = load_checkpoint(path)
-    cfg = meta["config"]
-    model = build_model({s: cfg.get(s, {}) for s in ("model", "memory", "training")})
-    restore(tensors, meta, model, None, None)
-    return model, meta
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
+    from mnnn.lm import load_checkpoint_model
     from mnnn.training.lm import evaluate_lm
 
-    model, meta = _load_checkpoint_model(args.checkpoint)
+    model, meta = load_checkpoint_model(args.checkpoint)
     if args.no_memory:
         if not hasattr(model, "set_memory_enabled"):
             raise ValueError("--no-memory: this model has no memory to switch off")
@@ -194,12 +184,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from mnnn.data.wikitext import load_tokenizer
-    from mnnn.lm import predict
+    from mnnn.lm import load_checkpoint_model, predict
 
-    model, _ = _load_checkpoint_model(args.checkpoint)
+    model, _ = load_checkpoint_model(args.checkpoint)
     text = predict(model, load_tokenizer(), args.text, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(f"{args.text} {text}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from mnnn.deploy.server import serve
+
+    for name in ("port", "max_sessions", "max_new_tokens"):
+        value = getattr(args, name)
+        if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
+            raise ValueError(f"--{name.replace('_', '-')} out of range: {value}")
+    serve(args.checkpoint, host=args.host, port=args.port, max_sessions=args.max_sessions,
+          max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -292,6 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.set_defaults(func=_cmd_generate)
 
+    srv = sub.add_parser("serve", help="serve a checkpoint over HTTP (sessions keep the model's memory)",
+                         description="Serve a training checkpoint with FastAPI + uvicorn (needs mnnn[serve]). "
+                         "POST /v1/generate {prompt | prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, "
+                         "session_id, stream}; POST /v1/sessions creates a session whose recurrent state and episodic "
+                         "memory are kept between requests (a follow-up costs only its own tokens), DELETE "
+                         "/v1/sessions/ID drops it; GET /metrics (Prometheus) and /healthz. Text prompts need the "
+                         "tokenizer from MNNN_DATA_DIR; without it the server takes prompt_ids only. Ctrl-C or "
+                         "SIGTERM stops it after the requests in flight.")
+    srv.add_argument("checkpoint", help="path to checkpoint.safetensors (from mnnn train)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    srv.add_argument("--max-sessions", type=int, default=64,
+                     help="sessions kept; past it the least recently used is dropped (default: 64)")
+    srv.add_argument("--max-new-tokens", type=int, default=256,
+                     help="the most tokens one request may ask for (default: 256)")
+    srv.set_defaults(func=_cmd_serve)
+
     info = sub.add_parser("info", help="versions, device and data location")
     info.set_defaults(func=_cmd_info)
     return parser
@@ -303,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataNotFoundError, FileNotFoundError, ValueError, KeyError) as err:
+    except (DataNotFoundError, FileNotFoundError, ValueError, KeyError, ImportError) as err:
         # user errors (missing data, bad config, corrupt checkpoint): one clear line, exit code 2
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2

@@ -22,6 +22,7 @@ import yaml
 from mnnn.models.lm_baselines import LSTMLM, NoState, TransformerLM
 from mnnn.models.s3cmn import S3CMN
 from mnnn.models.ssmn import TextNativeSSMN
+from mnnn.sampling import sample_token
 
 LANGUAGE_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "s3cmn": S3CMN,
@@ -103,6 +104,18 @@ def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
+def load_checkpoint_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model of a training checkpoint (weights and stores loaded, no optimizer) and the
+    checkpoint's metadata (config, step). Loading executes no code (safetensors + JSON)."""
+    from mnnn.training.checkpoint import load_checkpoint, restore
+
+    tensors, meta = load_checkpoint(path)
+    cfg = meta["config"]
+    model = build_model({s: cfg.get(s, {}) for s in SECTIONS})
+    restore(tensors, meta, model, None, None)
+    return model, meta
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: int | None = 50, seed: int | None = None) -> list[int]:
@@ -119,10 +132,7 @@ def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int = 50
     logits, state = model(context, model.init_state(1))
     out: list[int] = []
     for _ in range(max_new_tokens):
-        last = logits[0, -1].double() / temperature
-        if top_k is not None and top_k < last.numel():
-            last = last.masked_fill(last < torch.topk(last, top_k).values[-1], float("-inf"))
-        tok = int(torch.multinomial(torch.softmax(last, -1), 1, generator=gen))
+        tok = sample_token(logits[0, -1], temperature, top_k, None, gen)
         out.append(tok)
         if isinstance(state, NoState):
             context = torch.cat([context, torch.tensor([[tok]], device=device)], 1)[:, -getattr(model, "max_len", 512):]

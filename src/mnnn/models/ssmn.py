@@ -20,6 +20,7 @@ from torch import nn
 from mnnn.layers.synaptic import SynapticMemory
 from mnnn.layers.window_attention import WindowAttention
 from mnnn.models.token_lm import TokenLM
+from mnnn.sampling import sample_token
 from mnnn.ops.window_attention import WindowCache
 from mnnn.state import TensorState
 
@@ -300,7 +301,7 @@ class TextNativeSSMN(TextNativeSSMNNetwork):
         last = logits[0]
         out: list[int] = []
         for _ in range(max_length):
-            token = _sample(last / temperature, top_k, top_p, gen)
+            token = sample_token(last, temperature, top_k, top_p, gen)
             out.append(token)
             logits, state = self.step(torch.tensor([token], device=prompt.device), state)
             last = logits[0]
@@ -342,16 +343,3 @@ class TextNativeSSMN(TextNativeSSMNNetwork):
             return analyze_synaptic_state(self.init_state(1))
         return analyze_synaptic_state(self.last_state)
 
-
-def _sample(logits: torch.Tensor, top_k: int | None, top_p: float | None, gen: torch.Generator) -> int:
-    logits = logits.double()
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=gen))
