@@ -32,6 +32,21 @@ def test_train_eval_generate(tmp_path, capsys):
     assert capsys.readouterr().out == first
     assert main(["generate", ckpt, "  "]) == 2
     assert "empty" in capsys.readouterr().err
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mnnn.lm import load_checkpoint_model
+
+    assert main(["export", ckpt, "--format", "hf", str(tmp_path / "hf")]) == 0
+    assert "Hugging Face directory" in capsys.readouterr().out
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    model, _ = load_checkpoint_model(ckpt)
+    ids = AutoTokenizer.from_pretrained(tmp_path / "hf")("the city", return_tensors="pt")["input_ids"]
+    import torch
+
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, model(ids, model.init_state(1))[0])
+    assert not any(p.name.startswith(".hf.") for p in tmp_path.iterdir())  # no temporary directory left
 
 
 def test_missing_data_names_the_variable(tmp_path, capsys, monkeypatch):

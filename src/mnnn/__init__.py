@@ -35,6 +35,51 @@ _LAZY = {
 __all__ = ["AMN", "AMRC", "PMRC", "__version__", "create_model", *_LAZY]
 
 
+class _RegisterWithTransformers:
+    """Registers mnnn's models with transformers' Auto classes when transformers is imported
+    (a meta-path finder that runs once), so ``import mnnn`` never imports transformers itself."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "transformers":
+            return None
+        import importlib.util
+        import sys
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        loader_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            loader_exec(module)
+            _register_hf()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _register_hf() -> None:
+    try:
+        from mnnn.hf import register
+    except ImportError:  # transformers too old or broken: the Auto classes simply do not know mnnn
+        return
+    register()
+
+
+def _install_hf_registration() -> None:
+    import importlib.util
+    import sys
+
+    if "transformers" in sys.modules:
+        _register_hf()
+    elif importlib.util.find_spec("transformers") is not None:
+        sys.meta_path.insert(0, _RegisterWithTransformers())
+
+
+_install_hf_registration()
+
+
 def __getattr__(name: str):
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)

@@ -193,6 +193,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mnnn.deploy.export import export_checkpoint
+
+    for line in export_checkpoint(args.checkpoint, args.format, args.out):
+        print(line)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mnnn.deploy.server import serve
 
@@ -293,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.set_defaults(func=_cmd_generate)
+
+    exp = sub.add_parser("export", help="export a checkpoint (Hugging Face directory)",
+                         description="Export a training checkpoint. --format hf writes a Hugging Face directory "
+                         "(model.safetensors, config.json, generation_config.json and the BERT-uncased tokenizer "
+                         "from MNNN_DATA_DIR) that AutoModelForCausalLM.from_pretrained and "
+                         "pipeline('text-generation') load offline after `import mnnn`.")
+    exp.add_argument("checkpoint", help="path to checkpoint.safetensors (from mnnn train)")
+    exp.add_argument("--format", choices=["hf"], default="hf", help="export format (default: hf)")
+    exp.add_argument("out", help="output directory (created; files in it are replaced)")
+    exp.set_defaults(func=_cmd_export)
 
     srv = sub.add_parser("serve", help="serve a checkpoint over HTTP (sessions keep the model's memory)",
                          description="Serve a training checkpoint with FastAPI + uvicorn (needs mnnn[serve]). "

@@ -39,16 +39,24 @@ class Hyena(nn.Module):
         self.in_proj = nn.Linear(d_model, 3 * d_model)
         self.short = nn.Conv1d(3 * d_model, 3 * d_model, short_kernel, groups=3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
-        t = torch.arange(max_len).float()[:, None]
-        freqs = torch.arange(1, num_freqs + 1).float()[None] * math.pi / max_len
-        self.register_buffer("pos", torch.cat([t / max_len, torch.sin(t * freqs), torch.cos(t * freqs)], 1),
-                             persistent=False)
+        self.num_freqs = num_freqs
+        self.register_buffer("pos", torch.empty(max_len, 1 + 2 * num_freqs), persistent=False)
+        # decay rates spread so that some channels see ~10 steps and others ~max_len
+        self.register_buffer("alpha", torch.empty(d_model), persistent=False)
+        self.reset_buffers()
         self.filter = nn.Sequential(nn.Linear(self.pos.shape[1], filter_order), nn.SiLU(),
                                     nn.Linear(filter_order, filter_order), nn.SiLU(),
                                     nn.Linear(filter_order, d_model))
-        # decay rates spread so that some channels see ~10 steps and others ~max_len
-        self.register_buffer("alpha", torch.logspace(math.log10(3.0 / max_len), math.log10(0.3), d_model),
-                             persistent=False)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Compute the fixed (non-saved) buffers in place: positional features and decay rates.
+        Loaders that materialise modules from empty tensors (transformers' from_pretrained) call it."""
+        max_len, device = self.max_len, self.pos.device
+        t = torch.arange(max_len, device=device).float()[:, None]
+        freqs = torch.arange(1, self.num_freqs + 1, device=device).float()[None] * math.pi / max_len
+        self.pos.copy_(torch.cat([t / max_len, torch.sin(t * freqs), torch.cos(t * freqs)], 1))
+        self.alpha.copy_(torch.logspace(math.log10(3.0 / max_len), math.log10(0.3), self.d_model, device=device))
 
     def long_filter(self) -> torch.Tensor:
         """``[max_len, d_model]``."""
