@@ -27,3 +27,27 @@ def test_all_skips_suites_without_the_preset(tmp_path, capsys, monkeypatch):
     assert main(["bench", "all", "--preset", "gpu", "--out", str(tmp_path), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "kernels: skipped" in err and "series: skipped" in err
+
+
+def test_serve_suite_checks_then_measures(tmp_path):
+    pytest.importorskip("fastapi")
+    assert main(["bench", "serve", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
+    payload = json.loads((tmp_path / "serve.json").read_text())
+    assert payload["check"]["passed"] and "git_revision" in payload and "dirty" in payload
+    assert {r["model"] for r in payload["followup"]} == {"s3cmn", "transformer"}
+    assert all(r["followup_ms"] > 0 and r["fresh_ms"] > 0 for r in payload["followup"])
+    (load,) = payload["load"]
+    assert load["errors"] == 0 and load["requests"] > 0 and load["rss_MB_max"] > 10
+    assert (tmp_path / "serve.png").stat().st_size > 1000
+
+
+def test_serve_suite_fails_when_its_check_fails(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("fastapi")
+    import prometheus_client
+
+    monkeypatch.setattr(prometheus_client, "generate_latest", lambda registry: b"not { metrics")
+    assert main(["bench", "serve", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "serve.json").read_text())
+    assert payload["check"]["passed"] is False and "metrics" in payload["check"]["failures"][0]
+    assert not (tmp_path / "serve.png").exists()
+    assert "check failed" in capsys.readouterr().err

@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "series": "mnnn.bench.series",
     "streaming": "mnnn.bench.streaming",
     "kernels": "mnnn.bench.kernels",
+    "serve": "mnnn.bench.serve",
 }
 
 

@@ -81,9 +81,9 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 
 def create_app(engine: InferenceEngine, max_sessions: int = 64, max_new_tokens: int = 256,
-               max_body_bytes: int = 1 << 20, model_name: str = "mnnn"):
+               max_body_bytes: int = 1 << 20, model_name: str = "mnnn", max_prompt_tokens: int = MAX_PROMPT_TOKENS):
     """The FastAPI application around ``engine``. ``max_new_tokens`` is the largest a request may
-    ask for; ``max_body_bytes`` the largest request body."""
+    ask for; ``max_prompt_tokens`` the longest prompt; ``max_body_bytes`` the largest request body."""
     _require_serving()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -121,7 +121,7 @@ def create_app(engine: InferenceEngine, max_sessions: int = 64, max_new_tokens: 
     class GenerateRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)
         prompt: str | None = Field(None, max_length=1 << 18, description="text to continue")
-        prompt_ids: list[int] | None = Field(None, max_length=MAX_PROMPT_TOKENS, description="token ids instead of text")
+        prompt_ids: list[int] | None = Field(None, max_length=max_prompt_tokens, description="token ids instead of text")
         max_new_tokens: int | None = Field(None, description="tokens to generate (default: min(32, the server's limit))")
         temperature: float = Field(1.0, ge=0, description="0 = greedy")
         top_k: int | None = Field(None, ge=1)
@@ -192,8 +192,8 @@ def create_app(engine: InferenceEngine, max_sessions: int = 64, max_new_tokens: 
             ids = engine.encode(req.prompt) if req.prompt is not None else engine.check_ids(req.prompt_ids or [])
         except (TypeError, ValueError) as err:
             return error(422, str(err), "prompt_ids" if req.prompt is None else "prompt")
-        if len(ids) > MAX_PROMPT_TOKENS:
-            return error(422, f"the prompt has {len(ids)} tokens, more than {MAX_PROMPT_TOKENS}", "prompt")
+        if len(ids) > max_prompt_tokens:
+            return error(422, f"the prompt has {len(ids)} tokens, more than {max_prompt_tokens}", "prompt")
         if req.session_id is not None:
             session = sessions.get(req.session_id)
             if session is None:
