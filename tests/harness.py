@@ -92,3 +92,16 @@ def check_against_reference(fast: Callable, ref: Callable, inputs: Sequence[torc
             gf = torch.zeros_like(lr.grad) if lf.grad is None else lf.grad
             gr = torch.zeros_like(lf.grad) if lr.grad is None else lr.grad
             assert rel_err(gf, gr) < tol, f"grad of input {i} differs ({rel_err(gf, gr):.2e})"
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by a token LM's own forward: the prompt once, then one token per step
+    with the state carried (stateless models re-read prompt + output)."""
+    logits, state = model(torch.tensor([prompt]), model.init_state(1))
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(logits[0, -1].argmax()))
+        stateless = type(state).__name__ == "NoState"
+        logits, state = model(torch.tensor([prompt + out] if stateless else [[out[-1]]]), state)
+    return out

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 import mnnn  # noqa: E402,F401  (registers the Auto classes)
 from mnnn.hf import MnnnForCausalLM, MnnnS3CMNForCausalLM  # noqa: E402
 from mnnn.lm import build_model  # noqa: E402
+from tests.harness import greedy_reference  # noqa: E402
 
 V = 64
 CONFIGS = {
@@ -30,19 +31,6 @@ CONFIGS = {
 def built(name):
     torch.manual_seed(0)
     return build_model(CONFIGS[name]).eval()
-
-
-def greedy(model, prompt, n):
-    with torch.no_grad():
-        logits, state = model(torch.tensor([prompt]), model.init_state(1))
-        out = []
-        for _ in range(n):
-            out.append(int(logits[0, -1].argmax()))
-            if type(state).__name__ == "NoState":
-                logits, state = model(torch.tensor([prompt + out]), state)
-            else:
-                logits, state = model(torch.tensor([[out[-1]]]), state)
-    return out
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -71,7 +59,7 @@ def test_hf_greedy_generate_equals_mnnn_decoding(tmp_path, name):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path)
     prompt = [3, 1, 4, 1, 5, 9]
     out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
-    assert out[0, len(prompt):].tolist() == greedy(model, prompt, 12)
+    assert out[0, len(prompt):].tolist() == greedy_reference(model, prompt, 12)
 
 
 def test_generate_samples_with_temperature_top_k_top_p():
@@ -148,4 +136,4 @@ def test_tokenizer_and_text_generation_pipeline_offline(tmp_path):
     generator = pipeline("text-generation", model=str(tmp_path))
     out = generator(text, max_new_tokens=5, do_sample=False, return_tensors=True)
     ids = tok(text)["input_ids"]
-    assert out[0]["generated_token_ids"] == ids + greedy(model, ids, 5)
+    assert out[0]["generated_token_ids"] == ids + greedy_reference(model, ids, 5)

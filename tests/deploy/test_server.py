@@ -15,6 +15,7 @@ from mnnn.deploy.engine import InferenceEngine, Session  # noqa: E402
 from mnnn.deploy.server import create_app, running  # noqa: E402
 from mnnn.models.lm_baselines import TransformerLM  # noqa: E402
 from mnnn.models.s3cmn import S3CMN  # noqa: E402
+from tests.harness import greedy_reference  # noqa: E402
 
 V = 64
 
@@ -31,17 +32,6 @@ def server():
     app = create_app(engine, max_sessions=3, max_new_tokens=16, max_body_bytes=4096)
     with running(app) as url, httpx.Client(base_url=url, timeout=20) as client:
         yield client, engine
-
-
-def greedy_reference(model, prompt, n):
-    """Greedy continuation by the model's own forward/step, outside the server."""
-    with torch.no_grad():
-        logits, state = model(torch.tensor([prompt]), model.init_state(1))
-        out = []
-        for _ in range(n):
-            out.append(int(logits[0, -1].argmax()))
-            logits, state = model(torch.tensor([[out[-1]]]), state)
-    return out
 
 
 def gen(client, **body):
