@@ -204,10 +204,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from mnnn.deploy.server import serve
 
-    for name in ("port", "max_sessions", "max_new_tokens"):
-        value = getattr(args, name)
-        if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
-            raise ValueError(f"--{name.replace('_', '-')} out of range: {value}")
+    # checked before the checkpoint is loaded, so a typo costs no model load
+    for flag, value, low, high in (("--port", args.port, 0, 65535), ("--max-sessions", args.max_sessions, 1, None),
+                                   ("--max-new-tokens", args.max_new_tokens, 1, None)):
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"{flag} out of range: {value}")
     serve(args.checkpoint, host=args.host, port=args.port, max_sessions=args.max_sessions,
           max_new_tokens=args.max_new_tokens)
     return 0

@@ -22,6 +22,7 @@ must have one length.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,7 @@ class MnnnForCausalLM(MnnnPreTrainedModel, GenerationMixin):
         # from_pretrained builds models on the meta device; mnnn's modules compute buffers (Hyena's
         # positional features, S4D's init) when built, so build them for real on the CPU
         on_meta = torch.empty(0).device.type == "meta"
-        with torch.device("cpu") if on_meta else _nothing():
+        with torch.device("cpu") if on_meta else contextlib.nullcontext():
             self.lm = build_model(copy.deepcopy(config.mnnn_config))
         self.stateless = isinstance(self.lm.init_state(1), NoState)
         self.post_init()
@@ -177,14 +178,6 @@ class MnnnForCausalLM(MnnnPreTrainedModel, GenerationMixin):
 
     def _reorder_cache(self, *args, **kwargs):
         raise NotImplementedError("beam search is not supported by mnnn's recurrent state")
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class MnnnS3CMNForCausalLM(MnnnForCausalLM):

@@ -1,5 +1,6 @@
-"""One next-token sampler for every generation path (``mnnn.lm.generate``, the SSMN's
-``generate_sequence``, the server and the Hugging Face wrapper)."""
+"""One next-token sampler for mnnn's generation paths (``mnnn.lm.generate``, the SSMN's
+``generate_sequence`` and the server); the Hugging Face wrapper's ``generate`` uses transformers'
+own logits processors."""
 
 from __future__ import annotations
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-import time
 from collections import OrderedDict
 from typing import Any, Iterator
 
@@ -40,7 +39,6 @@ class Session:
     context: list[int] = dataclasses.field(default_factory=list)
     logits: torch.Tensor | None = None
     tokens_seen: int = 0
-    created: float = dataclasses.field(default_factory=time.time)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
 
@@ -137,7 +135,8 @@ class InferenceEngine:
             new = min(len(ids), len(context))
             lp = F.log_softmax(logits[0, -new:-1].double(), -1) if new > 1 else None
             if lp is not None:
-                self.prompt_nll -= float(lp.gather(-1, torch.tensor(context[-new + 1:])[:, None]).sum())
+                targets = torch.tensor(context[-new + 1:], device=self.device)
+                self.prompt_nll -= float(lp.gather(-1, targets[:, None]).sum())
                 self.prompt_tokens += new - 1
         session.context, session.logits = context, logits[0, -1]
         session.tokens_seen += len(ids)

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Any
 
-from mnnn.deploy.engine import InferenceEngine, SessionStore
+from mnnn.deploy.engine import InferenceEngine, Session, SessionStore
 
 log = logging.getLogger("mnnn.serve")
 
@@ -200,8 +200,6 @@ def create_app(engine: InferenceEngine, max_sessions: int = 64, max_new_tokens: 
                 return error(404, f"unknown session {req.session_id!r} (create one with POST /v1/sessions)",
                              "session_id")
         else:
-            from mnnn.deploy.engine import Session
-
             session = Session()
         if not ids and session.logits is None:
             return error(422, "the prompt is empty (and the session has nothing to continue)", "prompt")

@@ -345,6 +345,7 @@ class CMRModel(nn.Module):
 
     @torch.no_grad()
     def _store(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        next_tokens = _next_tokens(input_ids, attention_mask)  # the same for every layer
         for layer, h in self._captured.items():
             B, T, d = h.shape
             valid = torch.ones(B, T, dtype=torch.bool, device=h.device) if attention_mask is None else attention_mask.bool()
@@ -356,14 +357,13 @@ class CMRModel(nn.Module):
                 if self.config.memory_values == "next":
                     values = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], 1)
                 else:
-                    nxt = _next_tokens(input_ids, attention_mask).clamp_min(0)
-                    values = self.base.get_input_embeddings()(nxt).to(h.dtype)
+                    values = self.base.get_input_embeddings()(next_tokens.clamp_min(0)).to(h.dtype)
                 keep[:, -1] = False
                 keep[:, :-1] &= valid[:, 1:]
             rows = torch.arange(B, device=h.device)[:, None].expand(B, T)[keep]
             positions = torch.arange(T, device=h.device)[None].expand(B, T)[keep]
             self.buffer.add(layer, h[keep], score[keep], self.segment, rows, positions,
-                            _next_tokens(input_ids, attention_mask)[keep], values[keep])
+                            next_tokens[keep], values[keep])
             if layer == self.target_layers[0]:
                 self.stats["stored"] += int(keep.sum())
                 self.stats["offered"] += int(valid.sum())

@@ -20,7 +20,7 @@ from torch import nn
 from mnnn.layers.synaptic import SynapticMemory
 from mnnn.layers.window_attention import WindowAttention
 from mnnn.models.token_lm import TokenLM
-from mnnn.sampling import sample_token
+from mnnn.sampling import check_sampling, sample_token
 from mnnn.ops.window_attention import WindowCache
 from mnnn.state import TensorState
 
@@ -289,10 +289,7 @@ class TextNativeSSMN(TextNativeSSMNNetwork):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if not isinstance(max_length, int) or max_length < 0:
             raise ValueError(f"max_length must be a non-negative int, got {max_length!r}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        check_sampling(temperature, top_k, top_p)
         prompt = self._tokens(prompt_tokens, "prompt_tokens")
         self.eval()
         gen = torch.Generator(device=prompt.device)
