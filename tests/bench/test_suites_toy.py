@@ -51,3 +51,16 @@ def test_serve_suite_fails_when_its_check_fails(tmp_path, monkeypatch, capsys):
     assert payload["check"]["passed"] is False and "metrics" in payload["check"]["failures"][0]
     assert not (tmp_path / "serve.png").exists()
     assert "check failed" in capsys.readouterr().err
+
+
+def test_mqar_fails_when_its_sanity_check_fails(tmp_path, monkeypatch, capsys):
+    """An untrained Transformer (learning rate 0) cannot pass the sanity check: no grid, exit 1."""
+    from mnnn.bench import mqar
+
+    monkeypatch.setitem(mqar.PRESETS["toy"], "sanity", {**mqar.PRESETS["toy"]["sanity"], "lr": 0.0})
+    assert main(["bench", "mqar", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "mqar.json").read_text())
+    assert payload["check"]["passed"] is False and payload["results"] == []
+    assert payload["sanity"]["accuracy"] < 0.5 and "sanity" in payload["check"]["failures"][0]
+    assert not (tmp_path / "mqar.png").exists()
+    assert "check failed" in capsys.readouterr().err
