@@ -196,7 +196,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from mnnn.deploy.export import export_checkpoint
 
-    for line in export_checkpoint(args.checkpoint, args.format, args.out):
+    options = {}
+    if args.format != "hf":
+        options = dict(memory=not args.no_memory, int8=args.int8, verify_steps=args.verify_steps,
+                       eval_tokens=args.eval_tokens)
+    elif args.int8 or args.no_memory:
+        raise ValueError("--int8 and --no-memory apply to --format onnx|torch-export, got --format hf")
+    for line in export_checkpoint(args.checkpoint, args.format, args.out, **options):
         print(line)
     return 0
 
@@ -303,14 +309,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.set_defaults(func=_cmd_generate)
 
-    exp = sub.add_parser("export", help="export a checkpoint (Hugging Face directory)",
+    exp = sub.add_parser("export", help="export a checkpoint (Hugging Face directory, ONNX or torch.export step)",
                          description="Export a training checkpoint. --format hf writes a Hugging Face directory "
                          "(model.safetensors, config.json, generation_config.json and the BERT-uncased tokenizer "
                          "from MNNN_DATA_DIR) that AutoModelForCausalLM.from_pretrained and "
-                         "pipeline('text-generation') load offline after `import mnnn`.")
+                         "pipeline('text-generation') load offline after `import mnnn`. --format onnx and "
+                         "--format torch-export write the recurrent step (token, state...) -> (logits, state...) "
+                         "with fixed-size state tensors (S3CMN with the output memory or none, and the LSTM; "
+                         "the manifest with names, shapes and config is inside the file). The ONNX graph is "
+                         "checked with onnxruntime against PyTorch before it is kept (needs mnnn[deploy]).")
     exp.add_argument("checkpoint", help="path to checkpoint.safetensors (from mnnn train)")
-    exp.add_argument("--format", choices=["hf"], default="hf", help="export format (default: hf)")
-    exp.add_argument("out", help="output directory (created; files in it are replaced)")
+    exp.add_argument("--format", choices=["hf", "onnx", "torch-export"], default="hf",
+                     help="hf: Hugging Face directory; onnx: ONNX step graph (.onnx); torch-export: "
+                     "torch.export program of the step (.pt2) (default: hf)")
+    exp.add_argument("--no-memory", action="store_true",
+                     help="step formats: export the memory-off step (same weights; the ring is carried unchanged)")
+    exp.add_argument("--int8", action="store_true",
+                     help="onnx: also write a dynamically quantised int8 copy (NAME.int8.onnx) and print its size, "
+                     "ms/step and perplexity beside the float one")
+    exp.add_argument("--verify-steps", type=int, default=256,
+                     help="onnx: steps over which onnxruntime must match PyTorch within 1e-4 (default: 256)")
+    exp.add_argument("--eval-tokens", type=int, default=1024,
+                     help="onnx: WikiText-2 valid tokens (random ids without data) for the perplexity and "
+                     "ms/step figures (default: 1024)")
+    exp.add_argument("out", help="output: a directory for hf (created; files in it are replaced), a file for "
+                     "onnx/torch-export (replaced atomically)")
     exp.set_defaults(func=_cmd_export)
 
     srv = sub.add_parser("serve", help="serve a checkpoint over HTTP (sessions keep the model's memory)",
@@ -338,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from mnnn.data.wikitext import DataNotFoundError
+    from mnnn.deploy.export import ExportCheckFailed
 
     args = build_parser().parse_args(argv)
     try:
@@ -346,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         # user errors (missing data, bad config, corrupt checkpoint): one clear line, exit code 2
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
+    except ExportCheckFailed as err:  # an export that does not compute what the model computes
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except FloatingPointError as err:  # a diverged run: it stopped and kept its last good checkpoint
         print(f"error: {err}", file=sys.stderr)
         return 1
