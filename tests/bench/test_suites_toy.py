@@ -64,3 +64,41 @@ def test_mqar_fails_when_its_sanity_check_fails(tmp_path, monkeypatch, capsys):
     assert payload["sanity"]["accuracy"] < 0.5 and "sanity" in payload["check"]["failures"][0]
     assert not (tmp_path / "mqar.png").exists()
     assert "check failed" in capsys.readouterr().err
+
+
+def test_export_suite_checks_then_compares_engines(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    assert main(["bench", "export", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
+    payload = json.loads((tmp_path / "export.json").read_text())
+    assert payload["check"]["passed"] and "git_revision" in payload
+    rows = payload["results"]
+    assert {(r["memory"], r["engine"]) for r in rows} == {
+        (m, e) for m in ("on", "off") for e in ("PyTorch step", "torch.export", "ONNX fp32", "ONNX int8 (dynamic)")}
+    for r in rows:
+        if r["engine"] in ("torch.export", "ONNX fp32"):
+            assert r["max_abs_logit_err"] <= 1e-4
+    on = {r["engine"]: r for r in rows if r["memory"] == "on"}
+    assert abs(on["ONNX fp32"]["ppl"] - on["PyTorch step"]["ppl"]) < 1e-2 * on["PyTorch step"]["ppl"]
+    assert (tmp_path / "export.png").stat().st_size > 1000
+
+
+def test_export_suite_fails_when_the_onnx_graph_is_wrong(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import functools
+
+    import mnnn.deploy.step as step_mod
+
+    real = step_mod.S3CMNStep.forward
+
+    @functools.wraps(real)
+    def off_by_1e3(self, *args):
+        logits, *state = real(self, *args)
+        return (logits + 1e-3, *state)
+
+    monkeypatch.setattr(step_mod.S3CMNStep, "forward", off_by_1e3)
+    assert main(["bench", "export", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "export.json").read_text())
+    assert payload["check"]["passed"] is False and "differs" in payload["check"]["failures"][0]
+    assert not (tmp_path / "export.png").exists()

@@ -20,6 +20,7 @@ SUITES: dict[str, str] = {
     "streaming": "mnnn.bench.streaming",
     "kernels": "mnnn.bench.kernels",
     "serve": "mnnn.bench.serve",
+    "export": "mnnn.bench.export",
 }
 
 

@@ -203,7 +203,7 @@ def _measure(run_step, init_state, tokens: np.ndarray) -> tuple[np.ndarray, floa
     return logits, float(np.exp(nll.mean())), 1e3 * statistics.median(times)
 
 
-def verification_tokens(cfg: dict[str, Any], vocab_size: int, n: int) -> tuple[np.ndarray, str]:
+def verification_tokens(vocab_size: int, n: int) -> tuple[np.ndarray, str]:
     """The first ``n`` tokens of WikiText-2 valid when MNNN_DATA_DIR has the data, else seeded
     random ids; with a word saying which."""
     try:
@@ -218,32 +218,40 @@ def verification_tokens(cfg: dict[str, Any], vocab_size: int, n: int) -> tuple[n
     return rng.integers(0, vocab_size, n, dtype=np.int64), "random ids (seed 0; MNNN_DATA_DIR has no data)"
 
 
-def export_step_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, memory: bool = True,
-                           int8: bool = False, verify_steps: int = 256, eval_tokens: int = 1024,
-                           report: dict[str, Any] | None = None) -> Iterator[str]:
-    """``mnnn export --format onnx|torch-export``: see the module docstring."""
-    from mnnn.deploy.step import manifest, step_graph
+def export_step_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, **options: Any) -> Iterator[str]:
+    """``mnnn export --format onnx|torch-export``: the checkpoint's model through :func:`export_step_model`."""
     from mnnn.lm import load_checkpoint_model
+
+    model, meta = load_checkpoint_model(checkpoint)
+    cfg = {k: meta["config"].get(k, {}) for k in ("model", "memory")}
+    yield from export_step_model(model, cfg, fmt, out, checkpoint_step=meta.get("step"), **options)
+
+
+def export_step_model(model, cfg: dict[str, Any], fmt: str, out: str | Path, memory: bool = True,
+                      int8: bool = False, verify_steps: int = 256, eval_tokens: int = 1024,
+                      report: dict[str, Any] | None = None, checkpoint_step: int | None = None) -> Iterator[str]:
+    """Export ``model``'s step (config sections ``cfg`` go into the manifest) as ``fmt``; for
+    ONNX, check and measure it (see the module docstring); ``report`` is filled with the figures.
+    ``memory=False`` switches the model's memory off (the same weights) before exporting."""
+    from mnnn.deploy.step import manifest, step_graph
 
     for name, value in (("verify_steps", verify_steps), ("eval_tokens", eval_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 2:
             raise ValueError(f"{name} must be an int >= 2, got {value!r}")
     if int8 and fmt != "onnx":
         raise ValueError(f"--int8 needs --format onnx (onnxruntime's dynamic quantisation), got --format {fmt}")
-    model, meta = load_checkpoint_model(checkpoint)
     model.eval()
-    if not memory:
-        model.set_memory_enabled(False)
+    if hasattr(model, "set_memory_enabled"):
+        model.set_memory_enabled(memory)
     graph = step_graph(model, memory=memory)
-    cfg = {k: meta["config"].get(k, {}) for k in ("model", "memory")}
     man = manifest(graph, cfg, 1)
-    man["checkpoint_step"] = meta.get("step")
+    man["checkpoint_step"] = checkpoint_step
     out = Path(out)
     if fmt == "torch-export":
         export_step(graph, fmt, out, man)
         yield f"torch.export program ({man['model']}, {len(graph.names)} state tensors) in {out}"
         return
-    tokens, source = verification_tokens(meta["config"], graph.vocab_size, max(verify_steps, eval_tokens))
+    tokens, source = verification_tokens(graph.vocab_size, max(verify_steps, eval_tokens))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staged = export_step(graph, "onnx", Path(tmp) / out.name, man)
