@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "from MNNN_DATA_DIR) that AutoModelForCausalLM.from_pretrained and "
                          "pipeline('text-generation') load offline after `import mnnn`. --format onnx and "
                          "--format torch-export write the recurrent step (token, state...) -> (logits, state...) "
-                         "with fixed-size state tensors (S3CMN with the output memory or none, and the LSTM; "
+                         "with fixed-size state tensors (S3CMN with the output memory or none, the Text-Native SSMN and the "
+                         "LSTM; "
                          "the manifest with names, shapes and config is inside the file). The ONNX graph is "
                          "checked with onnxruntime against PyTorch before it is kept (needs mnnn[deploy]).")
     exp.add_argument("checkpoint", help="path to checkpoint.safetensors (from mnnn train)")

@@ -15,9 +15,10 @@ the read). The loop over tokens stays outside, in the caller (onnxruntime, a C++
 ``names`` and :meth:`init_state` give the state's layout; the tests check the graph against
 ``model.step`` over 256 steps.
 
-Covered: S3CMN with the output memory (``memory_fusion='output'``) or no memory, and the LSTM.
-The membrane fusion's store (top-k over a growing per-stream index with pending writes) and the
-Text-Native SSMN are not covered: :func:`step_graph` says so.
+Covered: S3CMN with the output memory (``memory_fusion='output'``) or no memory, the Text-Native
+SSMN (window ring of rotated keys, fast weights of every plasticity rule) and the LSTM. The
+membrane fusion's store (top-k over a growing per-stream index with pending writes) and the
+Transformer (no fixed-size state) are not: :func:`step_graph` says so.
 """
 
 from __future__ import annotations
@@ -167,18 +168,107 @@ class LSTMStep(StepGraph):
         return m.head(m.down(y[:, 0])), h, c
 
 
+class TextNativeSSMNStep(StepGraph):
+    """One Text-Native SSMN step: sliding-window attention over a ring of the last ``window``
+    rotated keys and values (slot ``count % window``; slots past ``count`` masked), then the
+    plastic blocks' fast weights (Hebbian with re-reads, delta or gated delta with the short
+    convolution's last inputs). ``memory=False`` is refused: the model has no memory switch."""
+
+    def __init__(self, model):
+        super().__init__()
+        core = model.core
+        self.m, self.vocab_size = model, model.vocab_size
+        self.rule, self.conv_size = core.plasticity_rule, core.conv_size
+        self.has_syn = core.n_plastic > 0
+        self.register_buffer("inv_freq", 10000.0 ** (-torch.arange(0, core.head_dim, 2, dtype=torch.float64)
+                                                     / core.head_dim), persistent=False)
+        self.names = ("attn_k", "attn_v", "count") + (("synaptic",) if self.has_syn else ()) + \
+            (("syn_conv",) if self.has_syn and self.conv_size > 1 else ())
+
+    def init_state(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
+        st = self.m.init_state(batch_size)
+        return tuple(getattr(st, n) for n in self.names)
+
+    def _rotate(self, x, count):
+        ang = count.to(torch.float64) * self.inv_freq  # [K/2]
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+    def forward(self, token, attn_k, attn_v, count, synaptic=None, syn_conv=None):
+        m, core = self.m, self.m.core
+        x = m.encoder(m.embed(token))  # [B, d]
+        B = x.shape[0]
+        H, K, W = core.num_heads, core.head_dim, core.window
+        slots = torch.arange(W, device=token.device)
+        write = (slots == count % W)[None, :, None, None]  # [1, W, 1, 1]
+        valid = slots <= count  # after the write: slots 0..min(count, W-1)
+        ks, vs, syns, convs, p = [], [], [], [], 0
+        for i, block in enumerate(core.blocks):
+            at = block.attn
+            q, k, v = at.qkv(block.ln_attn(x)).view(B, 3, H, K).unbind(1)
+            q, k = self._rotate(q, count), self._rotate(k, count)
+            kc = torch.where(write, k[:, None], attn_k[i])
+            vc = torch.where(write, v[:, None], attn_v[i])
+            scores = torch.einsum("bhk,bjhk->bhj", q, kc) / K**0.5
+            attn = torch.softmax(scores.masked_fill(~valid[None, None], float("-inf")), dim=-1)
+            x = x + at.out(torch.einsum("bhj,bjhv->bhv", attn, vc).flatten(1))
+            ks.append(kc)
+            vs.append(vc)
+            if block.plastic:
+                syn, xs = block.syn, block.ln_syn(x)
+                S = synaptic[p]
+                if self.rule == "hebbian":
+                    qh, kh, vh = syn.qkv(xs).view(B, 3, H, K).unbind(1)
+                    qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
+                    vh = torch.tanh(vh) / K**0.5
+                    g = torch.sigmoid(syn.gate(xs)) if syn.gated else xs.new_ones(B, H)
+                    r = torch.einsum("bhk,bhkv->bhv", qh, S)  # read W_{t-1}, then write
+                    for _ in range(syn.reread_iterations):
+                        r = torch.einsum("bhk,bhkv->bhv", F.normalize(syn.reread(r), dim=-1), S)
+                    S = (1.0 - g * syn.lam)[..., None, None] * S + \
+                        (g * syn.eta)[..., None, None] * kh[..., :, None] * vh[..., None, :]
+                else:
+                    raw = torch.cat([syn_conv[p], syn.qkv(xs)[:, None]], dim=1)  # [B, c, 3d]
+                    mixed = F.silu((raw * syn.conv.T[None]).sum(1))
+                    convs.append(raw[:, 1:])
+                    qh, kh, vh = mixed.view(B, 3, H, K).unbind(1)
+                    qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
+                    beta = torch.sigmoid(syn.beta(xs))
+                    if syn.alpha is not None:
+                        S = torch.sigmoid(syn.alpha(xs))[..., None, None] * S
+                    retrieved = torch.einsum("bhk,bhkv->bhv", kh, S)
+                    S = S + beta[..., None, None] * kh[..., :, None] * (vh - retrieved)[..., None, :]
+                    r = torch.einsum("bhk,bhkv->bhv", qh, S)  # write, then read
+                syns.append(S)
+                x = x + syn.out(r.flatten(1))
+                p += 1
+            x = x + block.mlp(block.ln_mlp(x))
+        out = (m.head(x), torch.stack(ks), torch.stack(vs), count + 1)
+        if self.has_syn:
+            out += (torch.stack(syns),)
+            if self.conv_size > 1:
+                out += (torch.stack(convs),)
+        return out
+
+
 def step_graph(model, memory: bool = True) -> StepGraph:
     """The :class:`StepGraph` of ``model`` (eval mode, no gradients needed)."""
     from mnnn.models.lm_baselines import LSTMLM
     from mnnn.models.s3cmn import S3CMN
+    from mnnn.models.ssmn import TextNativeSSMNNetwork
 
     if isinstance(model, S3CMN):
         graph = S3CMNStep(model, memory=memory)
     elif isinstance(model, LSTMLM):
         graph = LSTMStep(model)
+    elif isinstance(model, TextNativeSSMNNetwork):
+        if not memory:
+            raise ValueError("the Text-Native SSMN has no memory switch: its fast weights are part of the network")
+        graph = TextNativeSSMNStep(model)
     else:
-        raise ValueError(f"step export covers S3CMN and the LSTM; got {type(model).__name__} (the Transformer has "
-                         "no fixed-size recurrent state; the Text-Native SSMN's step graph is not written yet)")
+        raise ValueError(f"step export covers S3CMN, the Text-Native SSMN and the LSTM; got {type(model).__name__} "
+                         "(the Transformer has no fixed-size recurrent state)")
     return graph.eval()
 
 
