@@ -18,6 +18,10 @@ from mnnn.models.s3cmn import S3CMN
 from mnnn.models.ssmn import TextNativeSSMN
 
 MODELS = ("transformer", "lstm", "s3cmn", "text_native_ssmn")
+# the Text-Native SSMN with the delta / gated delta rule (issue 13); accepted by build(), not in
+# the default grids
+RULE_MODELS = {"text_native_ssmn": "hebbian", "text_native_ssmn_delta": "delta",
+               "text_native_ssmn_gated_delta": "gated_delta"}
 
 
 def build(name: str, vocab: int, d: int, seq_len: int, window: int) -> nn.Module:
@@ -33,20 +37,28 @@ def build(name: str, vocab: int, d: int, seq_len: int, window: int) -> nn.Module
                      # the token tasks score features()+head() at a few positions, which the output
                      # memory (a mixture at the output) does not enter: they measure the membrane read
                      memory_fusion="membrane")
-    if name == "text_native_ssmn":
+    if name in RULE_MODELS:
         return TextNativeSSMN(vocab, embed_dim=d, hidden_dim=d, window_size=window, num_layers=2,
-                              plastic_ratio=0.5, num_heads=max(1, d // 32))
-    raise ValueError(f"unknown model {name!r}; known: {MODELS}")
+                              plastic_ratio=0.5, num_heads=max(1, d // 32), plasticity_rule=RULE_MODELS[name])
+    raise ValueError(f"unknown model {name!r}; known: {MODELS[:3] + tuple(RULE_MODELS)}")
 
 
-def state_floats(model: nn.Module, name: str, seq_len: int) -> int:
-    """Numbers carried from one token to the next at context ``seq_len``: the recurrent state, or
-    the KV cache (2 x layers x seq_len x d) of the Transformer."""
+def state_bytes(model: nn.Module, name: str, seq_len: int) -> int:
+    """Bytes carried from one token to the next at context ``seq_len``: every tensor of the
+    recurrent state (complex S4D states at their complex size, counts included) plus the
+    episodic stores that live in module buffers (S3CMN's membrane fusion); for the Transformer,
+    its KV cache (2 x layers x seq_len x d floats)."""
     if name == "transformer":
         d = model.embed.weight.shape[1]
-        return 2 * len(model.layers.layers) * seq_len * d
+        return 2 * len(model.layers.layers) * seq_len * d * model.embed.weight.element_size()
+    from mnnn.memory.episodic import Memory
+
     state = model.init_state(1)
-    return sum(t.numel() for t in state.tensors().values() if torch.is_floating_point(t))
+    total = sum(t.numel() * t.element_size() for t in state.tensors().values())
+    for module in model.modules():
+        if isinstance(module, Memory):
+            total += sum(b.numel() * b.element_size() for b in module.buffers())
+    return total
 
 
 def _scored(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
