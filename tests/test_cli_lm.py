@@ -68,6 +68,74 @@ def test_config_errors(tmp_path, capsys):
         load_config(bad)
 
 
+# every bad training value the CLI probe found: one line naming the key and the value, exit 2,
+# before any data is read or model built
+BAD_TRAINING = {
+    "training.batch_size=0": "training.batch_size must be an integer >= 1, got 0",
+    "training.batch_size=abc": "training.batch_size must be an integer >= 1, got 'abc'",
+    "training.batch_size=2.5": "training.batch_size must be an integer >= 1, got 2.5",
+    "training.batch_size=true": "training.batch_size must be an integer >= 1, got True",
+    "training.seq_len=0": "training.seq_len must be an integer >= 1, got 0",
+    "training.max_steps=0": "training.max_steps must be an integer >= 1, got 0",
+    "training.max_steps=-1": "training.max_steps must be an integer >= 1, got -1",
+    "training.time_budget_s=-1": "training.time_budget_s must be a finite number > 0, got -1",
+    "training.time_budget_s=.inf": "training.time_budget_s must be a finite number > 0, got inf",
+    "training.warmup=-5": "training.warmup must be an integer >= 0, got -5",
+    "training.eval_tokens=-5": "training.eval_tokens must be an integer >= 2, got -5",
+    "training.eval_every=-1": "training.eval_every must be an integer >= 0, got -1",
+    "training.checkpoint_every=-1": "training.checkpoint_every must be an integer >= 0, got -1",
+    "training.learning_rate=.nan": "training.learning_rate must be a finite number > 0, got nan",
+    "training.learning_rate=0": "training.learning_rate must be a finite number > 0, got 0",
+    "training.grad_clip=-1": "training.grad_clip must be a finite number > 0, got -1",
+    "training.weight_decay=-1": "training.weight_decay must be a finite number >= 0, got -1",
+    "training.seed=x": "training.seed must be an integer >= 0, got 'x'",
+    "training.out_dir=3": "training.out_dir must be a string, got 3",
+    "training.sample_prompt=null": "training.sample_prompt must not be null",
+    "training.seq_len=[1": "is not valid YAML",
+}
+
+
+@pytest.mark.parametrize("item", sorted(BAD_TRAINING))
+def test_bad_training_values_are_one_line_errors(item, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MNNN_DATA_DIR", str(tmp_path / "no-data"))  # validation comes before the data
+    assert main(["train", "--out", str(tmp_path / "run"), "--set", item]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and BAD_TRAINING[item] in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_and_cross_field_errors(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), "--set", "training.max_steps=null",
+                 "--set", "training.time_budget_s=null"]) == 2
+    assert "never stops" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    for text, expected in (("model: [1\n", "not valid YAML"), ("- 1\n", "must map sections"),
+                           ("training: 3\n", "section 'training' must map keys")):
+        bad.write_text(text)
+        assert main(["train", "--config", str(bad), "--out", str(tmp_path)]) == 2
+        assert expected in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    under_a_file = tmp_path / "a-file"
+    under_a_file.write_text("")
+    if os.environ.get("MNNN_DATA_DIR"):  # the output folder is made after the data is read
+        assert main(["train", "--out", str(under_a_file / "run"), "--set", "training.max_steps=1"]) == 2
+        assert "Not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["eval", "CKPT", "--max-tokens", "-1"], "--max-tokens must be an integer >= 2, got -1"),
+    (["eval", "CKPT", "--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["generate", "CKPT", "the city", "--max-new-tokens", "-1"], "--max-new-tokens must be an integer >= 1, got -1"),
+    (["generate", "CKPT", "the city", "--top-k", "0"], "--top-k must be an integer >= 1, got 0"),
+    (["generate", "CKPT", "the city", "--temperature", "-1"], "--temperature must be >= 0"),
+])
+def test_bad_flags_are_refused_before_the_checkpoint_is_read(argv, expected, tmp_path, capsys):
+    argv = [str(tmp_path / "none.safetensors") if a == "CKPT" else a for a in argv]  # never read
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
 def test_corrupt_checkpoint(tmp_path, capsys):
     path = tmp_path / "checkpoint.safetensors"
     path.write_bytes(b"\x00" * 100)

@@ -19,13 +19,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     git_state()  # the revision and dirtiness of the code as it is loaded now, before any suite runs
     names = list(SUITES) if args.suite == "all" else [args.suite]
-    failed = False
+    failed, skipped = False, 0
     for name in names:
         try:
             run = get_suite(name, args.preset)
         except (KeyError, ValueError) as err:
             if args.suite == "all" and isinstance(err, ValueError):
                 print(f"{name}: skipped ({err.args[0]})", file=sys.stderr)
+                skipped += 1
+                if skipped == len(names):
+                    print(f"error: no suite has the preset {args.preset!r}", file=sys.stderr)
+                    return 2
                 continue
             print(f"error: {err.args[0]}", file=sys.stderr)
             return 2
@@ -168,6 +172,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mnnn.lm import load_checkpoint_model
     from mnnn.training.lm import evaluate_lm
 
+    _check_flags(("--max-tokens", args.max_tokens, 2, True), ("--batch-size", args.batch_size, 1, False))
     model, meta = load_checkpoint_model(args.checkpoint)
     if args.no_memory:
         if not hasattr(model, "set_memory_enabled"):
@@ -182,10 +187,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_flags(*specs: tuple[str, int | None, int, bool]) -> None:
+    """``(flag, value, lowest, may be None)`` each: a ValueError naming the flag and the value, before
+    anything is loaded."""
+    for flag, value, low, nullable in specs:
+        if value is None and nullable:
+            continue
+        if value is None or value < low:
+            raise ValueError(f"{flag} must be an integer >= {low}, got {value}")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from mnnn.data.wikitext import load_tokenizer
     from mnnn.lm import load_checkpoint_model, predict
 
+    _check_flags(("--max-new-tokens", args.max_new_tokens, 1, False), ("--top-k", args.top_k, 1, True))
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0 (below 1e-5: greedy), got {args.temperature}")
     model, _ = load_checkpoint_model(args.checkpoint)
     text = predict(model, load_tokenizer(), args.text, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
@@ -258,9 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suite", help=f"suite name ({', '.join(SUITES)}) or 'all' (every suite in that order; "
                        "lm and cmr-wikitext need MNNN_DATA_DIR)")
     bench.add_argument("--out", default="runs/bench", help="output folder (default: runs/bench)")
-    bench.add_argument("--preset", choices=["default", "toy", "gpu"], default="default",
+    bench.add_argument("--preset", default="default",
                        help="'default' sizes for this CPU, 'toy' (seconds, used by the tests), or 'gpu' (the full recipe on a "
-                       "CUDA machine; suites: lm, mqar, copy, selective-copy, streaming)")
+                       "CUDA machine; suites: lm, mqar, copy, selective-copy, streaming); mqar also has 'steps' (every "
+                       "model the same optimizer steps, best of a learning-rate sweep) and 'steps-small' (its first "
+                       "cell at d_model 128); an unknown preset is refused with the suite's list")
     bench.add_argument("--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
 
@@ -304,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("checkpoint", help="path to checkpoint.safetensors")
     gen.add_argument("text", help="the prompt")
     gen.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate (default: 50)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature > 0 (default: 0.8)")
+    gen.add_argument("--temperature", type=float, default=0.8,
+                     help="sampling temperature >= 0; below 1e-5 decoding is greedy (default: 0.8)")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default: 50)")
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     gen.set_defaults(func=_cmd_generate)
@@ -367,9 +388,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataNotFoundError, FileNotFoundError, ValueError, KeyError, ImportError) as err:
-        # user errors (missing data, bad config, corrupt checkpoint): one clear line, exit code 2
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+    except (DataNotFoundError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+            FileExistsError, ValueError, KeyError, ImportError) as err:
+        # user errors (missing data, bad config, corrupt checkpoint, an output path under a file):
+        # one clear line, exit code 2
+        if isinstance(err, OSError) and err.strerror:  # args[0] is the errno: say what and where
+            msg = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+        else:
+            msg = err.args[0] if err.args else str(err)
+        print(f"error: {msg}", file=sys.stderr)
         return 2
     except ExportCheckFailed as err:  # an export that does not compute what the model computes
         print(f"error: {err}", file=sys.stderr)

@@ -31,9 +31,61 @@ LANGUAGE_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "lstm": LSTMLM,
 }
 SECTIONS = ("model", "memory", "training")
-TRAINING_KEYS = ("batch_size", "seq_len", "learning_rate", "weight_decay", "max_steps", "time_budget_s", "warmup",
-                 "grad_clip", "seed", "eval_every", "checkpoint_every", "out_dir", "eval_batch_size", "eval_tokens",
-                 "sample_prompt")
+# the training section's schema: key -> (kind, lowest value, may be null, hint). Kinds: 'int'
+# (bools and fractional numbers refused), 'float' (finite), 'str'.
+TRAINING_SCHEMA: dict[str, tuple[str, float | None, bool, str]] = {
+    "batch_size": ("int", 1, False, "streams per step"),
+    "seq_len": ("int", 1, False, "tokens per stream and step"),
+    "learning_rate": ("float", 0.0, False, "peak AdamW learning rate, > 0"),
+    "weight_decay": ("float", 0.0, False, ">= 0; 0 switches it off"),
+    "max_steps": ("int", 1, True, "optimizer steps; null: stop at time_budget_s"),
+    "time_budget_s": ("float", 0.0, True, "seconds of training; null: stop at max_steps"),
+    "warmup": ("int", 0, False, "warm-up steps, >= 0"),
+    "grad_clip": ("float", 0.0, True, "gradient-norm clip, > 0; null switches it off"),
+    "seed": ("int", 0, False, "seed of the initialisation and the data order, >= 0"),
+    "eval_every": ("int", 0, True, "validate every N steps; 0 or null: never during training"),
+    "checkpoint_every": ("int", 0, True, "checkpoint every N steps; 0 or null: only at the end"),
+    "max_bad_steps": ("int", 1, False, "non-finite steps in a row before the run stops"),
+    "out_dir": ("str", None, False, "output folder"),
+    "eval_batch_size": ("int", 1, False, "streams in the final evaluation"),
+    "eval_tokens": ("int", 2, True, "valid tokens evaluated at the end; null: the whole split"),
+    "sample_prompt": ("str", None, False, "text the finished model continues"),
+}
+TRAINING_KEYS = tuple(TRAINING_SCHEMA)
+# keys whose lowest value is excluded (> rather than >=)
+_STRICT = {"learning_rate", "time_budget_s", "grad_clip"}
+
+
+def validate_training(tr: dict[str, Any]) -> None:
+    """Check the training section against :data:`TRAINING_SCHEMA`: one ``ValueError`` of the form
+    ``training.<key> must be ..., got <value>; <hint>`` for the first bad key."""
+    import math
+    import numbers
+
+    bad = sorted(set(tr) - set(TRAINING_SCHEMA))
+    if bad:
+        raise ValueError(f"unknown training keys {bad}; known: {sorted(TRAINING_SCHEMA)}")
+    for key, value in tr.items():
+        kind, low, nullable, hint = TRAINING_SCHEMA[key]
+        if value is None:
+            if nullable:
+                continue
+            raise ValueError(f"training.{key} must not be null, got null; {hint}")
+        if kind == "str":
+            ok = isinstance(value, str)
+            want = "a string"
+        elif kind == "int":
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+            want = f"an integer >= {low:g}"
+        else:
+            ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                  and (value > low if key in _STRICT else value >= low))
+            want = f"a finite number {'>' if key in _STRICT else '>='} {low:g}"
+        if not ok:
+            raise ValueError(f"training.{key} must be {want}, got {value!r}; {hint}")
+    if "max_steps" in tr and "time_budget_s" in tr and tr["max_steps"] is None and tr["time_budget_s"] is None:
+        raise ValueError("training.max_steps and training.time_budget_s are both null, got a run that never "
+                         "stops; set one of them")
 
 
 def default_config_path() -> Path:
@@ -46,7 +98,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     path = Path(path) if path is not None else default_config_path()
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    cfg = yaml.safe_load(path.read_text()) or {}
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config file {path} must map sections to keys, got a {type(cfg).__name__}")
+    for section, body in cfg.items():
+        if body is not None and not isinstance(body, dict):
+            raise ValueError(f"config section {section!r} must map keys to values, got {body!r}")
     unknown = sorted(set(cfg) - set(SECTIONS))
     if unknown:
         raise ValueError(f"unknown config sections {unknown}; known: {list(SECTIONS)}")
@@ -58,10 +120,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         section, name = key.split(".", 1)
         if section not in SECTIONS:
             raise ValueError(f"unknown config section {section!r} in --set {item!r}; known: {list(SECTIONS)}")
-        cfg[section][name] = yaml.safe_load(value)
-    bad = sorted(set(cfg["training"]) - set(TRAINING_KEYS))
-    if bad:
-        raise ValueError(f"unknown training keys {bad}; known: {sorted(TRAINING_KEYS)}")
+        try:
+            cfg[section][name] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                             "quote strings, e.g. key='[1'") from None
+    validate_training(cfg["training"])
     return cfg
 
 
@@ -120,11 +184,17 @@ def load_checkpoint_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
 def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: int | None = 50, seed: int | None = None) -> list[int]:
     """Sample after a prompt: one parallel pass over the prompt, then one step per new token
-    (models without a recurrent state re-read their context)."""
+    (models without a recurrent state re-read their context). ``temperature`` below 1e-5 is
+    greedy decoding (argmax); ``top_k`` None or >= 1; ``max_new_tokens`` >= 1."""
+    from mnnn.sampling import check_sampling
+
     if not tokens:
         raise ValueError("the prompt is empty: give some text to continue")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_sampling(temperature, top_k, None)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if temperature < 1e-5:  # below this, softmax(logits / T) is the argmax up to round-off: say so
+        temperature = 0.0
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed if seed is not None else int(torch.randint(2**31, (1,))))

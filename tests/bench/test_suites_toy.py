@@ -24,9 +24,9 @@ def test_all_skips_suites_without_the_preset(tmp_path, capsys, monkeypatch):
     import mnnn.bench as bench
 
     monkeypatch.setattr(bench, "SUITES", {"kernels": "mnnn.bench.kernels", "series": "mnnn.bench.series"})
-    assert main(["bench", "all", "--preset", "gpu", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["bench", "all", "--preset", "gpu", "--out", str(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "kernels: skipped" in err and "series: skipped" in err
+    assert "kernels: skipped" in err and "series: skipped" in err and "no suite has the preset 'gpu'" in err
 
 
 def test_serve_suite_checks_then_measures(tmp_path):
