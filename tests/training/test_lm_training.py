@@ -152,3 +152,58 @@ def test_ddp_two_gloo_ranks_match_one_process_with_double_batch():
     np.testing.assert_allclose(out[0][1][0][0], s3_loss[0], rtol=1e-5)
     np.testing.assert_allclose(out[0][1][0], s3_loss, rtol=2e-2)
     assert np.abs(out[0][1][1] - s3_params).max() < 0.05  # 8 AdamW steps of lr <= 3e-3 from one start
+
+
+# ---- tampered checkpoints: refused before anything is loaded -------------------------------------
+def _tiny_checkpoint(path, fusion="membrane", tamper=None):
+    from mnnn.lm import build_model
+    from mnnn.training.checkpoint import save_checkpoint
+
+    cfg = {"model": {"name": "s3cmn", "vocab_size": 50, "embedding_dim": 8, "hidden_dim": 8, "num_layers": 1,
+                     "d_state": 4, "max_len": 16},
+           "memory": {"memory_fusion": fusion, "memory_size": 16, "memory_interval": 4}, "training": {}}
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if fusion == "membrane":  # a store with a few entries
+        model(torch.randint(0, 50, (2, 9)))
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(path, model, opt, None, 3, cfg)
+    if tamper is not None:
+        from mnnn.serialization import load_tensors, save_tensors
+
+        tensors, meta = load_tensors(path)
+        tamper(tensors)
+        save_tensors(path, tensors, meta)
+    return path
+
+
+@pytest.mark.parametrize("tamper, expected", [
+    (lambda t: t["model/embed.weight"].__setitem__((0, 0), float("nan")), "checkpoint's embed.weight holds NaN"),
+    (lambda t: t.__setitem__("model/up.weight", torch.zeros(3, 3)), "up.weight has shape (3, 3)"),
+    (lambda t: t.pop("model/down.bias"), "missing ['down.bias']"),
+    (lambda t: t.__setitem__("model/blocks.0.memory.count", torch.tensor(10**6)), "count 1000000 is outside [0, 16]"),
+    (lambda t: t["model/blocks.0.memory.key_scales"].__setitem__(0, float("inf")), "key_scales holds NaN"),
+    (lambda t: t.__setitem__("model/blocks.0.memory.key_codes",
+                             torch.zeros(999, *t["model/blocks.0.memory.key_codes"].shape[1:],
+                                         dtype=t["model/blocks.0.memory.key_codes"].dtype)), "more than max_size 16"),
+])
+def test_tampered_checkpoint_is_refused_with_the_reason(tamper, expected, tmp_path, capsys):
+    from mnnn.cli import main
+    from mnnn.lm import load_checkpoint_model
+
+    path = _tiny_checkpoint(tmp_path / "checkpoint.safetensors", tamper=tamper)
+    with pytest.raises(ValueError) as err:
+        load_checkpoint_model(path)
+    assert expected in str(err.value)
+    assert main(["generate", str(path), "the city"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_untampered_checkpoint_loads():
+    import tempfile
+
+    from mnnn.lm import load_checkpoint_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, meta = load_checkpoint_model(_tiny_checkpoint(f"{tmp}/c.safetensors"))
+    assert meta["step"] == 3 and len(model.blocks[0].memory) > 0

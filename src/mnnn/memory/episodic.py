@@ -478,6 +478,20 @@ class Memory(nn.Module):
 
     # state_dict: buffers may have grown or switched to integer values since construction
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # validate what a file claims before adopting it: a tampered store must not load silently
+        where = f"memory store {prefix.rstrip('.') or '(root)'}"
+        codes = state_dict.get(prefix + "key_codes")
+        if codes is not None:
+            rows = codes.shape[0]
+            if self.max_size is not None and rows > self.max_size:
+                raise ValueError(f"{where}: the file holds {rows} slots, more than max_size {self.max_size}")
+            count = state_dict.get(prefix + "count")
+            if count is not None and (count.numel() != 1 or not 0 <= int(count) <= rows):
+                raise ValueError(f"{where}: count {count.tolist()} is outside [0, {rows}] (the file's slots)")
+        for name in self._buffers:
+            value = state_dict.get(prefix + name)
+            if value is not None and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{where}: {name} holds NaN or infinite values")
         for name, buf in list(self._buffers.items()):
             key = prefix + name
             if key in state_dict and buf is not None and (state_dict[key].shape != buf.shape

@@ -61,8 +61,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], model: torch.nn.Module,
             optimizer: torch.optim.Optimizer | None, state_like: TensorState | None):
-    """Load the model (and optimizer, RNG) in place; return the carried state and the step."""
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    """Load the model (and optimizer, RNG) in place; return the carried state and the step.
+    ``ValueError`` (nothing loaded) when the file's tensors do not fit the model its config
+    builds or hold NaN/infinity."""
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+    check_weights(weights, model)
+    model.load_state_dict(weights)
     if optimizer is not None:
         _restore_optimizer(optimizer, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng/torch"])
@@ -71,3 +75,24 @@ def restore(tensors: dict[str, torch.Tensor], meta: dict[str, Any], model: torch
         carry = {k[6:]: v for k, v in tensors.items() if k.startswith("carry/")}
         state = type(state_like).from_tensors(carry)
     return state, meta["step"]
+
+
+def check_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Compare a file's weights with ``model``'s own before loading: missing or unexpected keys,
+    shapes (episodic stores may have grown: their own loader checks them), non-finite values."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint does not fit the model its config builds: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    from mnnn.memory.episodic import Memory
+
+    grown = {f"{name}.{b}" if name else b for name, mod in model.named_modules() if isinstance(mod, Memory)
+             for b, _ in mod.named_buffers(recurse=False)}
+    for key, value in weights.items():
+        if key not in grown and value.shape != own[key].shape:
+            raise ValueError(f"the checkpoint's {key} has shape {tuple(value.shape)}, the model's config gives "
+                             f"{tuple(own[key].shape)}")
+        if value.is_floating_point() or value.is_complex():
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"the checkpoint's {key} holds NaN or infinite values (a diverged or tampered file)")
