@@ -207,3 +207,23 @@ def test_untampered_checkpoint_loads():
     with tempfile.TemporaryDirectory() as tmp:
         model, meta = load_checkpoint_model(_tiny_checkpoint(f"{tmp}/c.safetensors"))
     assert meta["step"] == 3 and len(model.blocks[0].memory) > 0
+
+
+def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path):
+    from mnnn.training.lm import config_changes
+
+    torch.manual_seed(0)
+    from mnnn.models.lm_baselines import LSTMLM
+
+    ids = np.arange(4000) % 50
+    cfg = {"model": {"name": "lstm", "vocab_size": 50}, "training": {"batch_size": 2}}
+    train_lm(LSTMLM(50, 8, 8), ids, batch_size=2, seq_len=8, max_steps=2, out_dir=tmp_path, checkpoint_every=1,
+             config=cfg)
+    with pytest.raises(ValueError, match=r"batch_size: 2 -> 4.*learning_rate: 0.003 -> 0.01"):
+        train_lm(LSTMLM(50, 8, 8), ids, batch_size=4, seq_len=8, max_steps=3, learning_rate=1e-2,
+                 out_dir=tmp_path, config=cfg)
+    # a longer run of the same config resumes: only how long it runs changed
+    hist = train_lm(LSTMLM(50, 8, 8), ids, batch_size=2, seq_len=8, max_steps=3, out_dir=tmp_path, config=cfg)
+    assert hist["steps"] == 3
+    assert config_changes({"model": {"a": 1}, "max_steps": 1}, {"model": {"a": 2}, "max_steps": 9}) == \
+        ["model.a: 1 -> 2"]

@@ -178,20 +178,24 @@ def train_lm(
     step = 0
     out = Path(out_dir) if out_dir is not None and rank == 0 else None  # rank 0 writes for everyone
     ckpt = out / "checkpoint.safetensors" if out is not None else None
+    run_config = dict(config or {}, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
+                      weight_decay=weight_decay, max_steps=max_steps, time_budget_s=time_budget_s, seed=seed)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".checkpoint.safetensors.*.tmp"):  # left by a run killed mid-write
             stale.unlink()
         if resume and ckpt.is_file():
             tensors, meta = load_checkpoint(ckpt)
+            changes = config_changes(meta["config"], run_config)
+            if changes:
+                raise ValueError(f"{ckpt} was written by another config ({'; '.join(changes)}); resume with the "
+                                 "same config, or start afresh with --no-resume or another --out")
             state, step = restore(tensors, meta, model, opt, state)
             schedule_len = meta["extra"].get("schedule_len", schedule_len)
         # lines written after the checkpoint (or by a run that never wrote one, or that we do
         # not resume) would be written again: drop them
         _truncate_metrics(out / "metrics.jsonl", step)
         _truncate_metrics(out / "timing.jsonl", step)
-    run_config = dict(config or {}, batch_size=batch_size, seq_len=seq_len, learning_rate=learning_rate,
-                      weight_decay=weight_decay, max_steps=max_steps, time_budget_s=time_budget_s, seed=seed)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -291,6 +295,28 @@ def train_lm(
     if out is not None:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     return history
+
+
+# keys a resumed run may change: how long it runs, what it logs and writes, not what it computes
+RESUMABLE_CHANGES = frozenset({"max_steps", "time_budget_s", "eval_every", "checkpoint_every", "eval_batch_size",
+                               "eval_tokens", "out_dir", "sample_prompt", "max_bad_steps"})
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``section.key: saved -> now`` for every key that differs between a checkpoint's config and
+    this run's, except those a resumed run may change (:data:`RESUMABLE_CHANGES`)."""
+    out = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b), key=str):
+                if key not in RESUMABLE_CHANGES:
+                    walk(a.get(key), b.get(key), f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix[:-1]}: {a!r} -> {b!r}")
+
+    walk(saved, now, "")
+    return out
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
