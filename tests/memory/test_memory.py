@@ -78,7 +78,7 @@ def test_int4_packs_two_per_byte():
 
 def test_growth_then_pruning_then_eviction_order():
     m = Memory(4, 4, compressed_dim=4, quantize=False, max_size=6, growth_factor=1.5, prune_threshold=0.5,
-               value_dim=1)
+               value_dim=1, eviction="utility")
     keys = torch.eye(4).repeat(2, 1)[:6] * 10
     m.add_to_memory(keys[:4], torch.arange(4))
     assert m.capacity == 4
@@ -98,6 +98,31 @@ def test_growth_then_pruning_then_eviction_order():
     m.add_to_memory(torch.randn(1, 4), torch.tensor([8]))
     ids = m.stored_values()[:, 0].tolist()
     assert 6 not in ids and 7 in ids and 8 in ids and m.get_memory_stats()["evicted"] == 1
+
+
+def test_lru_eviction_keeps_recent_writes_and_entries_reads_use():
+    m = Memory(4, 4, compressed_dim=4, quantize=False, max_size=4, value_dim=1)  # eviction='lru'
+    m.add_to_memory(torch.eye(4) * 10, torch.arange(4))  # entries 0..3, full
+    m.get_memory(torch.eye(4)[[0]] * 10, top_k=1)  # reads entry 0: it is now the most recently used
+    m.add_to_memory(torch.ones(2, 4), torch.tensor([4, 5]))  # evicts the two least recently used: 1, 2
+    assert sorted(m.stored_values()[:, 0].tolist()) == [0, 3, 4, 5]
+    m.add_to_memory(torch.ones(1, 4), torch.tensor([6]))  # then 3 (written before 4, 5 and never read)
+    assert sorted(m.stored_values()[:, 0].tolist()) == [0, 4, 5, 6]
+    assert m.get_memory_stats()["evicted"] == 3 and m.get_memory_stats()["pruned"] == 0
+    m.add_to_memory(torch.randn(6, 4), torch.arange(10, 16))  # larger than the store: its last 4 rows
+    assert sorted(m.stored_values()[:, 0].tolist()) == [12, 13, 14, 15]
+    assert m.get_memory_stats()["evicted"] == 3 + 4 + 2  # the 4 held entries and the batch's 2 first rows
+    with pytest.raises(ValueError, match="eviction must be"):
+        Memory(4, 4, eviction="fifo")
+
+
+def test_store_saved_before_lru_loads_with_last_used_from_born():
+    m = Memory(4, 8, compressed_dim=4)
+    m.add_to_memory(torch.randn(3, 8), torch.randn(3, 8))
+    old = {k: v for k, v in m.state_dict().items() if k != "last_used"}
+    fresh = Memory(4, 8, compressed_dim=4)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.last_used, fresh.born) and len(fresh) == 3
 
 
 def test_state_dict_round_trip_restores_store():

@@ -39,10 +39,14 @@ class Memory(nn.Module):
     the k selected scores are recomputed with autograd so that gradients reach ``q`` and ``P``.
 
     Capacity: starts at ``initial_size``; when full it grows by ``growth_factor`` up to ``max_size``
-    (``None``: unbounded). At ``max_size`` it first prunes (entries whose utility is below
-    ``prune_threshold`` x the mean utility; utility = attention received per read since the entry
-    was written, so never-read entries go first), then evicts the lowest-utility entries, oldest
-    first among ties.
+    (``None``: unbounded). At ``max_size``, ``eviction='lru'`` (the default) drops the entries
+    least recently written or read (a read counts for the entries it gives positive weight), so
+    the store keeps recent context and the entries reads keep using. ``eviction='utility'`` (the
+    seed's behaviour) first prunes entries whose utility is below ``prune_threshold`` x the mean
+    utility (utility = attention received per read since the entry was written, so never-read
+    entries go first), then evicts the lowest-utility entries. Ties go oldest write first. Every
+    dropped entry is counted in ``get_memory_stats()['evicted']`` (or ``'pruned'``), including the
+    leading rows of a batch larger than the whole store.
 
     Storage: keys as float32, or per-row symmetric int8 / int4 when ``quantize`` (no wrap-around;
     error <= scale / 2 per element). Float values are quantized the same way; integer values
@@ -56,7 +60,8 @@ class Memory(nn.Module):
     ``optimize_memory`` enables the compressed-key search cache.
     """
 
-    _ENTRY_BUFFERS = ("key_codes", "key_scales", "value_codes", "value_scales", "usage", "born", "order", "groups")
+    _ENTRY_BUFFERS = ("key_codes", "key_scales", "value_codes", "value_scales", "usage", "born", "order", "groups",
+                      "last_used")
 
     def __init__(
         self,
@@ -78,8 +83,12 @@ class Memory(nn.Module):
         value_dim: int | None = None,
         similarity_threshold: float = 0.5,
         pca_refit: bool = False,
+        eviction: str = "lru",
     ):
         super().__init__()
+        if eviction not in ("lru", "utility"):
+            raise ValueError(f"eviction must be 'lru' or 'utility', got {eviction!r}")
+        self.eviction = eviction
         for name, value in (("initial_size", initial_size), ("embedding_dim", embedding_dim),
                             ("compressed_dim", compressed_dim)):
             if not isinstance(value, int) or value < 1:
@@ -144,6 +153,8 @@ class Memory(nn.Module):
         self.register_buffer("born", torch.zeros(capacity, dtype=torch.long, device=device))  # read clock at write
         self.register_buffer("order", torch.zeros(capacity, dtype=torch.long, device=device))  # write number
         self.register_buffer("groups", torch.full((capacity,), -1, dtype=torch.long, device=device))
+        # read clock of the entry's last write or read (with a positive weight): the LRU key
+        self.register_buffer("last_used", torch.zeros(capacity, dtype=torch.long, device=device))
 
     @property
     def capacity(self) -> int:
@@ -242,7 +253,9 @@ class Memory(nn.Module):
         if n_new == 0:
             return
         self._make_room(n_new)
-        n_new = min(n_new, self.capacity)
+        if n_new > self.capacity:  # a batch larger than the whole store keeps its last rows
+            self._stats["evicted"] += n_new - self.capacity
+            n_new = self.capacity
         x, y, ids, groups = x[-n_new:], y[-n_new:], ids[-n_new:], groups[-n_new:]
         start = len(self)
         sl = slice(start, start + n_new)
@@ -259,6 +272,7 @@ class Memory(nn.Module):
             self._stats["quant_err_n"] += n_new
         self.usage[sl] = 0.0
         self.born[sl] = self.clock
+        self.last_used[sl] = self.clock
         self.order[sl] = ids
         self.groups[sl] = groups
         self.count += n_new
@@ -274,7 +288,7 @@ class Memory(nn.Module):
                 new_cap = min(new_cap, self.max_size)
             self._resize(new_cap)
             self._stats["expansions"] += 1
-        if len(self) + n_new > self.capacity:
+        if len(self) + n_new > self.capacity and self.eviction == "utility":
             self.prune()
         overflow = len(self) + n_new - self.capacity
         if overflow > 0:
@@ -319,11 +333,12 @@ class Memory(nn.Module):
 
     def _evict(self, k: int) -> None:
         n = len(self)
-        u = self.utility()
-        # lowest utility first; among equal utility the oldest write (smallest order) first
+        # 'lru': least recently written or read first; 'utility': lowest utility first. Among
+        # ties the oldest write (smallest order) goes first.
+        key = self.last_used[:n] if self.eviction == "lru" else self.utility()
         rank = torch.argsort(self.order[:n], stable=True)
-        rank = rank[torch.argsort(u[rank], stable=True)]
-        keep = torch.ones(n, dtype=torch.bool, device=u.device)
+        rank = rank[torch.argsort(key[rank], stable=True)]
+        keep = torch.ones(n, dtype=torch.bool, device=key.device)
         keep[rank[:k]] = False
         self._keep(keep)
         self._stats["evicted"] += k
@@ -448,6 +463,8 @@ class Memory(nn.Module):
             idx, w = usage
             if idx.numel():
                 self.usage.index_add_(0, idx.reshape(-1), w.reshape(-1).to(self.usage.dtype))
+                used = idx.reshape(-1)[w.reshape(-1) > 0]
+                self.last_used.index_fill_(0, used, int(self.clock))
 
     def get_memory_stats(self) -> dict[str, float]:
         """Hit rate, mean best similarity, fill, compression ratio, bytes, expansion/prune/evict
@@ -480,6 +497,8 @@ class Memory(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # validate what a file claims before adopting it: a tampered store must not load silently
         where = f"memory store {prefix.rstrip('.') or '(root)'}"
+        if prefix + "born" in state_dict and prefix + "last_used" not in state_dict:
+            state_dict[prefix + "last_used"] = state_dict[prefix + "born"].clone()  # a file from before LRU
         codes = state_dict.get(prefix + "key_codes")
         if codes is not None:
             rows = codes.shape[0]

@@ -81,7 +81,10 @@ def check_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module) -> N
     """Compare a file's weights with ``model``'s own before loading: missing or unexpected keys,
     shapes (episodic stores may have grown: their own loader checks them), non-finite values."""
     own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    # episodic stores written before LRU eviction lack last_used: the store fills it from born
+    missing = sorted(k for k in set(own) - set(weights)
+                     if not (k.endswith(".last_used") and k[: -len("last_used")] + "born" in weights))
+    unexpected = sorted(set(weights) - set(own))
     if missing or unexpected:
         raise ValueError(f"the checkpoint does not fit the model its config builds: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
