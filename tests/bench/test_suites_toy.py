@@ -18,6 +18,11 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
     assert payload["results"] and payload["config"] and "git_revision" in payload and "machine" in payload
     assert (tmp_path / f"{stem}.md").read_text().startswith("|")
     assert (tmp_path / f"{stem}.png").stat().st_size > 1000
+    if suite == "mqar":  # the toy preset sweeps two learning rates and keeps each model's best
+        assert payload["check"]["passed"] and payload["sanity"]["accuracy"] >= 0.9
+        for row in payload["results"]:
+            assert set(row["accuracy_per_lr"]) == {"0.003", "0.01"}
+            assert row["accuracy"] == max(row["accuracy_per_lr"].values()) and row["state_bytes"] > 0
 
 
 def test_all_skips_suites_without_the_preset(tmp_path, capsys, monkeypatch):

@@ -50,7 +50,7 @@ PRESETS = {
                     "models": ["transformer", "lstm", "text_native_ssmn", "text_native_ssmn_delta"],
                     "sanity": SANITY},
     "toy": {"configs": [[16, 2]], "d_models": [16], "vocab": 64, "train": 64, "test": 32, "epochs": 1,
-            "batch": 32, "lr": 3e-3, "time_budget_s": None, "window": 4, "models": list(tt.MODELS),
+            "batch": 32, "lrs": [3e-3, 1e-2], "time_budget_s": None, "window": 4, "models": list(tt.MODELS),
             # a retrieval the Transformer solves in ~3 s (1.000), so the toy run exercises a check that can fail
             "sanity": {"seq_len": 8, "kv_pairs": 1, "d_model": 32, "vocab": 16, "train": 4096, "test": 256,
                        "epochs": 4, "batch": 64, "lr": 1e-2, "window": 4, "threshold": 0.9}},
@@ -96,7 +96,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                    "results": [], **provenance(c)}
         write_json(out_dir / "mqar.json", payload)
         return payload
-    lrs = c.get("lrs", [c["lr"]])
+    lrs = c["lrs"] if "lrs" in c else [c["lr"]]
     total = c["epochs"] * (c["train"] // c["batch"]) * len(c["configs"]) * len(c["d_models"]) * len(c["models"]) \
         * len(lrs)
     rows = []
