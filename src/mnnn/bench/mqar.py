@@ -42,13 +42,13 @@ PRESETS = {
     "steps": {"configs": [[64, 4], [128, 8], [256, 16]], "d_models": [64, 128], "vocab": 2048, "train": 20_000,
               "test": 1_000, "epochs": 8, "batch": 64, "lrs": [1e-3, 3e-3, 1e-2], "time_budget_s": None,
               "window": 16, "models": [*tt.MODELS, "text_native_ssmn_delta", "text_native_ssmn_gated_delta"],
-              "sanity": SANITY},
+              "sanity": SANITY, "stem": "mqar_steps"},
     # the same recipe on the first cell at d_model 128, one learning rate, Hebbian vs delta SSMN
     # beside the Transformer and LSTM (~30 min on 2 CPU cores)
     "steps-small": {"configs": [[64, 4]], "d_models": [128], "vocab": 2048, "train": 20_000, "test": 1_000,
                     "epochs": 8, "batch": 64, "lrs": [3e-3], "time_budget_s": None, "window": 16,
                     "models": ["transformer", "lstm", "text_native_ssmn", "text_native_ssmn_delta"],
-                    "sanity": SANITY},
+                    "sanity": SANITY, "stem": "mqar_steps"},
     "toy": {"configs": [[16, 2]], "d_models": [16], "vocab": 64, "train": 64, "test": 32, "epochs": 1,
             "batch": 32, "lrs": [3e-3, 1e-2], "time_budget_s": None, "window": 4, "models": list(tt.MODELS),
             # a retrieval the Transformer solves in ~3 s (1.000), so the toy run exercises a check that can fail
@@ -79,6 +79,7 @@ def _fit(name: str, L: int, kv: int, d: int, data, c: dict, update, time_budget_
 
 def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
     c = PRESETS[preset]
+    stem = c.get("stem", "mqar")  # the by-steps presets are their own table (README marker mqar-steps)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "cuda" if preset == "gpu" and torch.cuda.is_available() else "cpu"
@@ -94,7 +95,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     if not passed:
         payload = {"suite": "mqar", "preset": preset, "check": check, "sanity": {**sanity, "passed": False},
                    "results": [], **provenance(c)}
-        write_json(out_dir / "mqar.json", payload)
+        write_json(out_dir / f"{stem}.json", payload)
         return payload
     lrs = c["lrs"] if "lrs" in c else [c["lr"]]
     total = c["epochs"] * (c["train"] // c["batch"]) * len(c["configs"]) * len(c["d_models"]) * len(c["models"]) \
@@ -112,16 +113,16 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                     rows.append({**best, "accuracy_per_lr": {str(r["lr"]): r["accuracy"] for r in runs}})
     payload = {"suite": "mqar", "preset": preset, "check": check, "sanity": {**sanity, "passed": True},
                "results": rows, **provenance(c)}
-    write_json(out_dir / "mqar.json", payload)
+    write_json(out_dir / f"{stem}.json", payload)
     note = (f"\nSanity check (Transformer, ({sc['seq_len']}, {sc['kv_pairs']}), d_model {sc['d_model']}, "
             f"{sanity['steps']} steps, no time limit): accuracy {sanity['accuracy']:.4f} "
             f"(passed, needs >= {threshold}). "
             f"Grid: {c['time_budget_s'] or 'no'} s time limit per run"
             + (f"; every model gets the same steps; accuracy is the best over learning rates {lrs} (lr column), "
                f"train_s is that run's time" if len(lrs) > 1 else "") + ".\n")
-    (out_dir / "mqar.md").write_text(markdown_table(rows, ["model", "seq_len", "kv_pairs", "d_model", "accuracy", "lr",
+    (out_dir / f"{stem}.md").write_text(markdown_table(rows, ["model", "seq_len", "kv_pairs", "d_model", "accuracy", "lr",
                                                            "state_bytes", "steps", "train_s"]) + note)
-    _plot(rows, c, out_dir / "mqar.png")
+    _plot(rows, c, out_dir / f"{stem}.png")
     return payload
 
 

@@ -2,7 +2,8 @@
 
 ``python -m mnnn.bench.readme [--results runs/bench] [--readme README.md]`` replaces the text
 between ``<!-- bench:SUITE -->`` and ``<!-- /bench:SUITE -->`` with ``SUITE.md`` from the results
-folder and a line naming the date, git revision, machine and the command that reproduces it.
+folder (``-`` read as ``_``; one suite may write several tables, e.g. ``mqar-steps``) and a line
+naming the date, git revision, machine and the command that reproduces it.
 Markers whose results are missing are left as they are (and listed); results measured from
 uncommitted code (``dirty``) or an unknown revision are refused (and listed).
 """
@@ -32,7 +33,7 @@ def render(suite: str, results: Path) -> str | None:
     machine = info.get("machine", {})
     where = f"{machine.get('processor', '?')}, {machine.get('threads', '?')} threads, torch {machine.get('torch', '?')}"
     return (f"\n{table.read_text().rstrip()}\n\n_{info.get('date', '?')[:10]}, git {rev}, {where}; reproduce: "
-            f"`.venv/bin/mnnn bench {suite} --preset {info.get('preset', 'default')}`_\n")
+            f"`.venv/bin/mnnn bench {info.get('suite', suite)} --preset {info.get('preset', 'default')}`_\n")
 
 
 def update(readme: Path, results: Path) -> list[str]:
