@@ -117,7 +117,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     note = (f"\nSanity check (Transformer, ({sc['seq_len']}, {sc['kv_pairs']}), d_model {sc['d_model']}, "
             f"{sanity['steps']} steps, no time limit): accuracy {sanity['accuracy']:.4f} "
             f"(passed, needs >= {threshold}). "
-            f"Grid: {c['time_budget_s'] or 'no'} s time limit per run"
+            + (f"Grid: {c['time_budget_s']} s time limit per run" if c["time_budget_s"] else "Grid: no time limit")
             + (f"; every model gets the same steps; accuracy is the best over learning rates {lrs} (lr column), "
                f"train_s is that run's time" if len(lrs) > 1 else "") + ".\n")
     (out_dir / f"{stem}.md").write_text(markdown_table(rows, ["model", "seq_len", "kv_pairs", "d_model", "accuracy", "lr",
