@@ -188,7 +188,9 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys):
 
     assert main(["train", "--out", str(tmp_path), "--quiet", *TINY]) == 0
     capsys.readouterr()
-    code = main(["train", "--out", str(tmp_path), "--quiet", *TINY, "--set", "training.max_steps=20",
+    # a changed learning rate is refused on resume (another config), so the diverging run starts
+    # afresh in the same folder: it must not overwrite the good checkpoint with a diverged one
+    code = main(["train", "--out", str(tmp_path), "--quiet", "--no-resume", *TINY, "--set", "training.max_steps=20",
                  "--set", "training.learning_rate=1.0e+30"])
     assert code == 1
     err = capsys.readouterr().err

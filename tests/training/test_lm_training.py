@@ -227,3 +227,5 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path):
     assert hist["steps"] == 3
     assert config_changes({"model": {"a": 1}, "max_steps": 1}, {"model": {"a": 2}, "max_steps": 9}) == \
         ["model.a: 1 -> 2"]
+    assert config_changes({"seed": 0, "training": {"seed": 0}}, {"seed": 1, "training": {"seed": 1}}) == \
+        ["training.seed: 0 -> 1"]

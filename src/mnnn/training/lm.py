@@ -316,7 +316,9 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             out.append(f"{prefix[:-1]}: {a!r} -> {b!r}")
 
     walk(saved, now, "")
-    return out
+    # the run's own arguments repeat the training section's keys at the top level: say each once
+    named = {line.split(":", 1)[0] for line in out}
+    return [line for line in out if f"training.{line.split(':', 1)[0]}" not in named]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
