@@ -29,3 +29,37 @@ def test_dirty_results_are_refused(tmp_path, capsys):
     assert update(readme, res) == []
     assert "old" in readme.read_text() and "0.9" not in readme.read_text()
     assert "dirty" in capsys.readouterr().out
+
+
+def test_stale_results_are_refused(tmp_path, capsys):
+    """A result whose measured sources changed after its revision is not spliced."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "model.py").write_text("x = 1\n")
+    (tmp_path / "src" / "other.py").write_text("y = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "copy.md").write_text("| model | acc |\n|---|---|\n| lstm | 0.7 |\n")
+    (res / "copy.json").write_text(json.dumps({"date": "2026-11-24T00:00:00", "git_revision": rev, "dirty": False,
+                                               "preset": "default", "machine": {}, "sources": ["src/model.py"]}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:copy -->old<!-- /bench:copy -->\n")
+    (tmp_path / "src" / "other.py").write_text("y = 2\n")  # not measured by the suite: still fresh
+    update(readme, res)
+    assert "0.7" in readme.read_text()
+    readme.write_text("<!-- bench:copy -->old<!-- /bench:copy -->\n")
+    (tmp_path / "src" / "model.py").write_text("x = 2\n")  # measured code changed: stale
+    update(readme, res)
+    assert "old" in readme.read_text() and "0.7" not in readme.read_text()
+    out = capsys.readouterr().out
+    assert "stale" in out and "src/model.py" in out

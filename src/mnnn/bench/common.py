@@ -40,6 +40,7 @@ def provenance(config: dict[str, Any]) -> dict[str, Any]:
         "git_revision": rev,
         "dirty": dirty,
         "command": " ".join(["mnnn", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("mnnn") else None,
+        "sources": loaded_sources(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
@@ -48,6 +49,23 @@ def provenance(config: dict[str, Any]) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
         },
     }
+
+
+def loaded_sources() -> list[str]:
+    """Repository paths (``src/mnnn/...``) of the mnnn modules this process has imported: the code a
+    result depends on, which ``python -m mnnn.bench.readme`` compares with the working tree."""
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    out = set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if (name == "mnnn" or name.startswith("mnnn.")) and path:
+            try:
+                out.add(Path(path).resolve().relative_to(root).as_posix())
+            except ValueError:  # installed elsewhere (not an editable checkout)
+                continue
+    return sorted(out)
 
 
 @functools.lru_cache(maxsize=1)
