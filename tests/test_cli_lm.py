@@ -129,6 +129,8 @@ def test_config_file_and_cross_field_errors(tmp_path, capsys):
     (["generate", "CKPT", "the city", "--max-new-tokens", "-1"], "--max-new-tokens must be an integer >= 1, got -1"),
     (["generate", "CKPT", "the city", "--top-k", "0"], "--top-k must be an integer >= 1, got 0"),
     (["generate", "CKPT", "the city", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["serve", "CKPT", "--port", "70000"], "--port must be an integer in [0, 65535], got 70000"),
+    (["serve", "CKPT", "--max-sessions", "0"], "--max-sessions must be an integer >= 1, got 0"),
 ])
 def test_bad_flags_are_refused_before_the_checkpoint_is_read(argv, expected, tmp_path, capsys):
     argv = [str(tmp_path / "none.safetensors") if a == "CKPT" else a for a in argv]  # never read

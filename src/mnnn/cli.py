@@ -187,14 +187,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_flags(*specs: tuple[str, int | None, int, bool]) -> None:
-    """``(flag, value, lowest, may be None)`` each: a ValueError naming the flag and the value, before
-    anything is loaded."""
-    for flag, value, low, nullable in specs:
+def _check_flags(*specs: tuple) -> None:
+    """``(flag, value, lowest, may be None[, highest])`` each: a ValueError naming the flag and the
+    value, before anything is loaded."""
+    for flag, value, low, nullable, *high in specs:
         if value is None and nullable:
             continue
-        if value is None or value < low:
-            raise ValueError(f"{flag} must be an integer >= {low}, got {value}")
+        if value is None or value < low or (high and value > high[0]):
+            bound = f"in [{low}, {high[0]}]" if high else f">= {low}"
+            raise ValueError(f"{flag} must be an integer {bound}, got {value}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -229,10 +230,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from mnnn.deploy.server import serve
 
     # checked before the checkpoint is loaded, so a typo costs no model load
-    for flag, value, low, high in (("--port", args.port, 0, 65535), ("--max-sessions", args.max_sessions, 1, None),
-                                   ("--max-new-tokens", args.max_new_tokens, 1, None)):
-        if value < low or (high is not None and value > high):
-            raise ValueError(f"{flag} out of range: {value}")
+    _check_flags(("--port", args.port, 0, False, 65535), ("--max-sessions", args.max_sessions, 1, False),
+                 ("--max-new-tokens", args.max_new_tokens, 1, False))
     serve(args.checkpoint, host=args.host, port=args.port, max_sessions=args.max_sessions,
           max_new_tokens=args.max_new_tokens)
     return 0
@@ -336,9 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "from MNNN_DATA_DIR) that AutoModelForCausalLM.from_pretrained and "
                          "pipeline('text-generation') load offline after `import mnnn`. --format onnx and "
                          "--format torch-export write the recurrent step (token, state...) -> (logits, state...) "
-                         "with fixed-size state tensors (S3CMN with the output memory or none, the Text-Native SSMN and the "
-                         "LSTM; "
-                         "the manifest with names, shapes and config is inside the file). The ONNX graph is "
+                         "with fixed-size state tensors (S3CMN with the output memory or none, the Text-Native SSMN and "
+                         "the LSTM; the manifest with names, shapes and config is inside the file). The ONNX graph is "
                          "checked with onnxruntime against PyTorch before it is kept (needs mnnn[deploy]).")
     exp.add_argument("checkpoint", help="path to checkpoint.safetensors (from mnnn train)")
     exp.add_argument("--format", choices=["hf", "onnx", "torch-export"], default="hf",

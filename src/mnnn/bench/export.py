@@ -15,9 +15,7 @@ and its dynamically quantised int8 copy. ``toy`` runs an untrained tiny model on
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -56,24 +54,9 @@ def _model(c: dict[str, Any], out_dir: Path, progress: bool):
     return model.eval(), {k: cfg[k] for k in ("model", "memory")}, hist["steps"]
 
 
-def _time_program(program, graph, tokens: np.ndarray) -> tuple[float, float]:
-    """(median ms/step, ppl) of a torch.export program fed ``tokens`` one at a time."""
-    from mnnn.deploy.export import _nll
-
-    step, state, times, logits = program.module(), graph.init_state(1), [], []
-    with torch.no_grad():
-        for t in range(len(tokens)):
-            start = time.perf_counter()
-            out, *state = step(torch.from_numpy(tokens[t:t + 1]), *state)
-            times.append(time.perf_counter() - start)
-            logits.append(out[0].numpy())
-    nll = _nll(np.stack(logits)[:-1], tokens[1:])
-    return 1e3 * statistics.median(times), float(np.exp(nll.mean()))
-
-
 def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
     from mnnn.deploy.export import ExportCheckFailed, export_step, export_step_model, load_torch_export, \
-        verification_tokens
+        measure_step, torch_step, verification_tokens
     from mnnn.deploy.step import manifest, step_graph
 
     c = PRESETS[preset]
@@ -100,21 +83,13 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
             graph = step_graph(model, memory=memory)
             pt2 = export_step(graph, "torch-export", Path(tmp) / f"step_{label}.pt2", manifest(graph, cfg, 1))
             program, _ = load_torch_export(pt2)
-            with torch.no_grad():  # reference: the model's own step
-                ms, refs = model.init_state(1), []
-                for t in range(c["verify_steps"]):
-                    o, ms = model.step(torch.from_numpy(tokens[t:t + 1]), ms)
-                    refs.append(o)
-                ref = torch.stack(refs, 1)
-                st, outs = graph.init_state(1), []
-                for t in range(c["verify_steps"]):
-                    o, *st = program.module()(torch.from_numpy(tokens[t:t + 1]), *st)
-                    outs.append(o)
-            err_pt2 = float((torch.stack(outs, 1) - ref).abs().max())
+            with torch.no_grad():  # reference: the model's own step, over the first verify_steps tokens
+                ref, _, _ = measure_step(torch_step(model.step), model.init_state, tokens[:c["verify_steps"]])
+                got, ppl_pt2, ms_pt2 = measure_step(torch_step(program.module()), graph.init_state, tokens)
+            err_pt2 = float(np.abs(got[:c["verify_steps"]] - ref).max())
             if not err_pt2 <= 1e-4:
                 failures.append(f"memory {label}: the torch.export program differs from the PyTorch step by {err_pt2:.3g}")
                 break
-            ms_pt2, ppl_pt2 = _time_program(program, graph, tokens)
             base = rep["torch_step"]["ms_per_step"]
             common = {"memory": label, "tokens": rep["tokens"], "eval_tokens": rep["eval_tokens"]}
             rows += [

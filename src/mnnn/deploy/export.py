@@ -189,9 +189,10 @@ def _nll(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.log(np.exp(z).sum(-1)) - z[np.arange(len(target)), target]
 
 
-def _measure(run_step, init_state, tokens: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """Feed ``tokens`` (1-D) one at a time: (logits of the first steps kept for comparison is the
-    caller's business) -> (all logits [T, vocab] float32, ppl of tokens[1:], median ms/step)."""
+def measure_step(run_step, init_state, tokens: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Feed ``tokens`` (1-D) one at a time through ``run_step(token [1], state) -> (logits [1, V],
+    state)`` from ``init_state(1)``: (every logits row ``[T, V]`` float32, perplexity of
+    ``tokens[1:]``, median ms/step)."""
     state, logits, times = init_state(1), [], []
     for t in range(len(tokens)):
         start = time.perf_counter()
@@ -201,6 +202,19 @@ def _measure(run_step, init_state, tokens: np.ndarray) -> tuple[np.ndarray, floa
     logits = np.stack(logits)
     nll = _nll(logits[:-1], tokens[1:])
     return logits, float(np.exp(nll.mean())), 1e3 * statistics.median(times)
+
+
+def torch_step(step):
+    """Adapt a PyTorch step for :func:`measure_step`: ``step(token, state) -> (logits, state)``
+    (``model.step``) or, with the state spread over arguments, ``step(token, *state) -> (logits,
+    *state)`` (a :class:`mnnn.deploy.step.StepGraph` or a torch.export module); NumPy in and out."""
+    def run(token: np.ndarray, state):
+        if isinstance(state, tuple):
+            logits, *state = step(torch.from_numpy(token), *state)
+            return logits.numpy(), tuple(state)
+        logits, state = step(torch.from_numpy(token), state)
+        return logits.numpy(), state
+    return run
 
 
 def verification_tokens(vocab_size: int, n: int) -> tuple[np.ndarray, str]:
@@ -257,11 +271,9 @@ def export_step_model(model, cfg: dict[str, Any], fmt: str, out: str | Path, mem
         staged = export_step(graph, "onnx", Path(tmp) / out.name, man)
         yield f"ONNX graph ({man['model']}, {len(graph.names)} state tensors, {staged.stat().st_size / 2**20:.1f} MiB)"
         with torch.no_grad():  # the reference is the model's own step (the serving path), not the graph
-            ref, ppl_torch, ms_torch = _measure(
-                lambda tok, st: (lambda r: (r[0].numpy(), r[1]))(model.step(torch.from_numpy(tok), st)),
-                model.init_state, tokens)
+            ref, ppl_torch, ms_torch = measure_step(torch_step(model.step), model.init_state, tokens)
         runner = OnnxStep(staged)
-        got, ppl_onnx, ms_onnx = _measure(runner.step, runner.init_state, tokens)
+        got, ppl_onnx, ms_onnx = measure_step(runner.step, runner.init_state, tokens)
         err = float(np.abs(got[:verify_steps] - ref[:verify_steps]).max())
         rep = {"format": "onnx", "model": man["model"], "memory": man["memory"], "tokens": source,
                "verify_steps": verify_steps, "max_abs_logit_err": err, "eval_tokens": len(tokens),
@@ -281,7 +293,7 @@ def export_step_model(model, cfg: dict[str, Any], fmt: str, out: str | Path, mem
             with _quiet():
                 quantize_dynamic(str(out), str(q_tmp), weight_type=QuantType.QInt8)
             q_runner = OnnxStep(q_tmp)
-            q_logits, ppl_q, ms_q = _measure(q_runner.step, q_runner.init_state, tokens)
+            q_logits, ppl_q, ms_q = measure_step(q_runner.step, q_runner.init_state, tokens)
             rep["int8"] = {"bytes": q_tmp.stat().st_size, "ms_per_step": ms_q, "ppl": ppl_q,
                            "max_abs_logit_diff": float(np.abs(q_logits - got).max())}
             os.replace(q_tmp, q_path)

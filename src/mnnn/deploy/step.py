@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnnn.layers.rotary import rotate
 from mnnn.ops.ssm import discretize
 
 _TINY = 1e-30  # as in mnnn.memory.output_cache: log(p_mem) where no candidate holds the token
@@ -62,7 +63,7 @@ class S3CMNStep(StepGraph):
             raise ValueError("step export covers S3CMN with memory_fusion='output' (the default) or no memory; "
                              f"this model has memory_fusion={cfg.memory_fusion!r}, whose per-stream store has no "
                              "fixed-size graph form yet")
-        self.m, self.cfg, self.vocab_size = model, cfg, cfg.vocab_size
+        self.m, self.vocab_size = model, cfg.vocab_size
         self.memory = bool(memory) and model.output_memory is not None and model.memory_enabled
         hy = model.hyena
         with torch.no_grad():
@@ -180,20 +181,12 @@ class TextNativeSSMNStep(StepGraph):
         self.m, self.vocab_size = model, model.vocab_size
         self.rule, self.conv_size = core.plasticity_rule, core.conv_size
         self.has_syn = core.n_plastic > 0
-        self.register_buffer("inv_freq", 10000.0 ** (-torch.arange(0, core.head_dim, 2, dtype=torch.float64)
-                                                     / core.head_dim), persistent=False)
         self.names = ("attn_k", "attn_v", "count") + (("synaptic",) if self.has_syn else ()) + \
             (("syn_conv",) if self.has_syn and self.conv_size > 1 else ())
 
     def init_state(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
         st = self.m.init_state(batch_size)
         return tuple(getattr(st, n) for n in self.names)
-
-    def _rotate(self, x, count):
-        ang = count.to(torch.float64) * self.inv_freq  # [K/2]
-        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
     def forward(self, token, attn_k, attn_v, count, synaptic=None, syn_conv=None):
         m, core = self.m, self.m.core
@@ -207,7 +200,7 @@ class TextNativeSSMNStep(StepGraph):
         for i, block in enumerate(core.blocks):
             at = block.attn
             q, k, v = at.qkv(block.ln_attn(x)).view(B, 3, H, K).unbind(1)
-            q, k = self._rotate(q, count), self._rotate(k, count)
+            q, k = (rotate(t[:, None], count.view(1))[:, 0] for t in (q, k))  # the layer's RoPE at this position
             kc = torch.where(write, k[:, None], attn_k[i])
             vc = torch.where(write, v[:, None], attn_v[i])
             scores = torch.einsum("bhk,bjhk->bhj", q, kc) / K**0.5
