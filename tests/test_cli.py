@@ -124,3 +124,33 @@ def test_bench_cmr_wikitext_toy(tmp_path):
     assert main(["bench", "cmr-wikitext", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
     rows = json.loads((tmp_path / "cmr_wikitext.json").read_text())["results"]
     assert abs(rows[0]["valid_ppl"] - rows[1]["valid_ppl"]) < 1e-3 * rows[0]["valid_ppl"]  # untrained == base
+
+
+def test_bench_datastore_toy(tmp_path):
+    import os
+
+    if not os.environ.get("MNNN_DATA_DIR"):
+        pytest.skip("MNNN_DATA_DIR not set")
+    assert main(["bench", "datastore", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
+    payload = json.loads((tmp_path / "datastore.json").read_text())
+    assert payload["check"]["passed"] and len(payload["check"]["checks"]) == 4
+    rows = {r["reading"].split(" (")[0]: r for r in payload["results"]}
+    assert set(rows) == {"LM alone", "cache", "datastore", "cache + datastore"}
+    assert rows["LM alone"]["vs_memory_off"] == 1.0
+    assert 0 < rows["datastore"]["hit_rate_chance"] < 1 and rows["datastore"]["entries"] > 3000
+    assert (tmp_path / "datastore.png").stat().st_size > 1000
+
+
+def test_bench_datastore_fails_when_its_check_fails(tmp_path, monkeypatch):
+    import mnnn.memory.datastore as ds
+
+    real = ds.Datastore.search_entries
+
+    def broken(self, queries, k, search="exact", block=16384):  # a search that drops the best entry
+        scores, idx = real(self, queries, k + 1, search, block)
+        return scores[:, 1:], idx[:, 1:]
+
+    monkeypatch.setattr(ds.Datastore, "search_entries", broken)
+    assert main(["bench", "datastore", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "datastore.json").read_text())
+    assert not payload["check"]["passed"] and "brute-force" in payload["check"]["failures"][0]

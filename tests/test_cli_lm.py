@@ -26,6 +26,21 @@ def test_train_eval_generate(tmp_path, capsys):
     ckpt = str(tmp_path / "checkpoint.safetensors")
     assert main(["eval", ckpt, "--split", "test", "--batch-size", "16", "--max-tokens", "20000"]) == 0
     assert '"split": "test"' in capsys.readouterr().out
+    # a datastore of train entries, read beside the cache; the same split is refused
+    ds = str(tmp_path / "ds.safetensors")
+    assert main(["index", ckpt, "--max-tokens", "4000", "--out", ds, "--quiet"]) == 0
+    assert "3,9" in capsys.readouterr().out  # entries: 4,000 tokens less one per stream
+    assert main(["eval", ckpt, "--batch-size", "16", "--max-tokens", "3000", "--datastore", ds,
+                 "--datastore-k", "8"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert {"ppl_lm", "ppl_cache", "ppl_datastore", "ppl_both", "hit_rate_chance"} <= set(ev["datastore"])
+    assert abs(ev["datastore"]["ppl_both"] - ev["valid_ppl"]) < 1e-6 * ev["valid_ppl"]
+    assert main(["eval", ckpt, "--split", "train", "--max-tokens", "3000", "--datastore", ds]) == 2
+    assert "built from the train split" in capsys.readouterr().err
+    assert main(["eval", ckpt, "--datastore-k", "8"]) == 2
+    assert "--datastore PATH" in capsys.readouterr().err
+    assert main(["generate", ckpt, "the city", "--max-new-tokens", "3", "--datastore", ds]) == 0
+    capsys.readouterr()
     assert main(["generate", ckpt, "the city", "--max-new-tokens", "5", "--seed", "1"]) == 0
     first = capsys.readouterr().out
     main(["generate", ckpt, "the city", "--max-new-tokens", "5", "--seed", "1"])

@@ -10,6 +10,7 @@ SUITES: dict[str, str] = {
     "memory": "mnnn.bench.memory",
     "ssmn": "mnnn.bench.ssmn",
     "lm": "mnnn.bench.lm",
+    "datastore": "mnnn.bench.datastore",
     "cmr": "mnnn.bench.cmr",
     "cmr-wikitext": "mnnn.bench.cmr_wikitext",
     "cmr-recall": "mnnn.bench.cmr_recall",

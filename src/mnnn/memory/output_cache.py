@@ -66,11 +66,36 @@ class OutputMemory(nn.Module):
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, math.log(lambda_init / (1 - lambda_init)))
         self.enabled = True
+        self.datastore = None  # a persistent Datastore read beside the cache (kNN-LM); see attach_datastore
+        self.datastore_lambda, self.datastore_k, self.datastore_theta, self.datastore_search = 0.25, 32, None, "exact"
         self.reset_stats()
 
     @property
     def theta(self) -> float:
         return float(self.log_theta.detach().exp())
+
+    def attach_datastore(self, store, lam: float = 0.25, top_k: int = 32, theta: float | None = None,
+                         search: str = "exact") -> None:
+        """Read ``store`` (a :class:`mnnn.memory.datastore.Datastore`) at every position:
+        ``p = (1 - lam) p_cache + lam p_ds`` with ``p_ds`` a softmax of ``theta`` x cosine over its
+        ``top_k`` entries (``theta`` None: this memory's learned theta). ``store=None`` detaches."""
+        if store is None:
+            self.datastore = None
+            return
+        from mnnn.memory.datastore import SEARCHES
+
+        if store.dim != self.dim:
+            raise ValueError(f"the datastore's keys have {store.dim} features; this memory's queries have {self.dim}")
+        if not (isinstance(lam, (int, float)) and 0 < lam < 1):
+            raise ValueError(f"datastore lambda must be in (0, 1), got {lam!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"datastore top_k must be a positive int, got {top_k!r}")
+        if theta is not None and not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+            raise ValueError(f"datastore theta must be a finite number > 0 or None, got {theta!r}")
+        if search not in SEARCHES:
+            raise ValueError(f"datastore search must be one of {SEARCHES}, got {search!r}")
+        self.datastore, self.datastore_lambda, self.datastore_k = store, float(lam), top_k
+        self.datastore_theta, self.datastore_search = theta, search
 
     def init_state(self, batch_size: int) -> CacheState:
         w = self.gate.weight
@@ -82,7 +107,8 @@ class OutputMemory(nn.Module):
     # ---- statistics --------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         self._stats = dict.fromkeys(("positions", "reads", "hits", "hits_chance", "best", "best_chance",
-                                     "lambda", "nll", "nll_lm"), 0.0)
+                                     "lambda", "nll", "nll_lm", "ds_positions", "ds_hits", "ds_hits_chance",
+                                     "ds_best", "ds_best_chance", "nll_full", "nll_ds_only"), 0.0)
 
     def get_stats(self) -> dict[str, float]:
         """Over the positions scored with targets since :meth:`reset_stats`:
@@ -92,10 +118,24 @@ class OutputMemory(nn.Module):
         - ``retrieval_accuracy``: the best-weighted candidate's token is the true next token;
           ``retrieval_accuracy_chance``: a random candidate's token is;
         - ``memory_gain_nats``: mean NLL without the memory minus with it (same pass);
-        - ``mean_lambda``, ``theta``, ``top_k``; ``reads`` (positions with a candidate)."""
+        - ``mean_lambda``, ``theta``, ``top_k``; ``reads`` (positions with a candidate);
+        - with a datastore attached, ``datastore``: its ``hit_rate`` (top-k holds the true next
+          token) and ``retrieval_accuracy`` beside their chance levels (k entries, one entry drawn
+          at random from the store), and the mean NLL of the four ways to read the same pass:
+          ``nll_lm`` (no memory), ``nll_cache`` (the stream's cache only), ``nll_datastore``
+          (the datastore only), ``nll_both``."""
         s = self._stats
         reads, n = max(s["reads"], 1.0), max(s["positions"], 1.0)
-        return {"hit_rate": s["hits"] / reads, "hit_rate_chance": s["hits_chance"] / reads,
+        extra = {}
+        if s["ds_positions"]:
+            m = s["ds_positions"]
+            extra["datastore"] = {
+                "hit_rate": s["ds_hits"] / m, "hit_rate_chance": s["ds_hits_chance"] / m,
+                "retrieval_accuracy": s["ds_best"] / m, "retrieval_accuracy_chance": s["ds_best_chance"] / m,
+                "nll_lm": s["nll_lm"] / m, "nll_cache": s["nll"] / m, "nll_datastore": s["nll_ds_only"] / m,
+                "nll_both": s["nll_full"] / m, "lambda": self.datastore_lambda, "top_k": self.datastore_k,
+                "theta": self.datastore_theta or self.theta, "size": self.datastore.size if self.datastore else 0}
+        return {**extra, "hit_rate": s["hits"] / reads, "hit_rate_chance": s["hits_chance"] / reads,
                 "retrieval_accuracy": s["best"] / reads, "retrieval_accuracy_chance": s["best_chance"] / reads,
                 "memory_gain_nats": (s["nll_lm"] - s["nll"]) / n, "mean_lambda": s["lambda"] / n,
                 "theta": self.theta, "top_k": self.top_k, "reads": int(s["reads"])}
@@ -153,6 +193,11 @@ class OutputMemory(nn.Module):
         C = scores.shape[-1]
         if C == 0:
             out = lp_lm if targets is None else (-lp_lm.gather(-1, targets[..., None])[..., 0],) * 2
+            if targets is not None:
+                with torch.no_grad():
+                    self._stats["positions"] += B * T
+                    self._stats["nll"] += float(out[0].sum())
+                    self._stats["nll_lm"] += float(out[1].sum())
         else:
             k = min(self.top_k, C)
             top, idx = scores.topk(k, dim=-1)  # [B, T, k]
@@ -173,11 +218,47 @@ class OutputMemory(nn.Module):
                 nll = -torch.where(has, mixed, lp_y)
                 out = (nll, -lp_y)
                 self._record(scores, cand_values, ids, w, valid, has, targets, log_lam, nll, -lp_y)
+        if self.datastore is not None:
+            out = self._read_datastore(q, out, targets)
         last = q[:, -1]
         keys, values, count = self._push(keys, values, q[:, : T - 1], tokens[:, 1:], count)
         new = CacheState(keys=keys, values=values, count=count, last_key=last,
                          has_last=torch.ones((), dtype=torch.long, device=q.device))
         return out, new
+
+    def _read_datastore(self, q: torch.Tensor, out, targets: torch.Tensor | None):
+        """Mix the attached datastore's distribution into ``out`` (log-probs, or (nll, nll_lm))."""
+        B, T, D = q.shape
+        store = self.datastore
+        with torch.no_grad():  # a fixed store, read like the kNN-LM's: never trained through
+            scores, ids = store.search(q.reshape(-1, D), self.datastore_k, self.datastore_search)
+            scores, ids = scores.view(B, T, -1), ids.view(B, T, -1)
+            valid = torch.isfinite(scores)
+            theta = self.datastore_theta or self.theta
+            w = torch.softmax((theta * scores.masked_fill(~valid, 0.0)).masked_fill(~valid, -1e4), -1) * valid
+        dt = q.dtype
+        log_lam = torch.tensor(math.log(self.datastore_lambda), dtype=dt, device=q.device)
+        log_1m = torch.tensor(math.log1p(-self.datastore_lambda), dtype=dt, device=q.device)
+        if targets is None:
+            p_ds = torch.zeros_like(out).scatter_add_(-1, ids, w.to(dt))
+            return torch.logaddexp(log_1m + out, log_lam + p_ds.clamp_min(_TINY).log())
+        nll_cache, nll_lm = out
+        p_y = (w.to(dt) * (ids == targets[..., None])).sum(-1)
+        log_p_ds = p_y.clamp_min(_TINY).log()
+        nll = -torch.logaddexp(log_1m - nll_cache, log_lam + log_p_ds)
+        with torch.no_grad():
+            s = self._stats
+            freq = store.value_freq.to(q.device)[targets]
+            k_eff = valid.sum(-1).float()
+            best = ids[..., 0] == targets  # scores come best first
+            s["ds_positions"] += B * T
+            s["ds_hits"] += float(((ids == targets[..., None]) & valid).any(-1).sum())
+            s["ds_hits_chance"] += float((1 - (1 - freq).pow(k_eff)).sum())
+            s["ds_best"] += float(best.sum())
+            s["ds_best_chance"] += float(freq.sum())
+            s["nll_full"] += float(nll.sum())
+            s["nll_ds_only"] += float(-torch.logaddexp(log_1m - nll_lm, log_lam + log_p_ds).sum())
+        return nll, nll_lm
 
     @torch.no_grad()
     def _record(self, scores, cand_values, ids, w, valid, has, targets, log_lam, nll, nll_lm) -> None:

@@ -27,3 +27,19 @@ class TokenLM(nn.Module):
     def forward(self, tokens: torch.Tensor, state=None):
         feats, state = self.features(tokens, state)
         return self.head(feats), state
+
+    def attach_datastore(self, store, lam: float = 0.25, top_k: int = 32, theta: float | None = None,
+                         search: str = "exact", split: str | None = None) -> None:
+        """Read a persistent datastore (:mod:`mnnn.memory.datastore`, built by ``mnnn index``)
+        beside the output memory's cache: ``p = (1 - lam) p_cache + lam p_ds``. Refused for a
+        model without an output memory, a store of another vocabulary, feature size or weights,
+        and (``split`` given) when evaluating on the split the store was built from.
+        ``store=None`` detaches; ``set_memory_enabled(False)`` switches this read off too."""
+        from mnnn.memory.datastore import check_compatible
+
+        if store is None:
+            if getattr(self, "output_memory", None) is not None:
+                self.output_memory.attach_datastore(None)
+            return
+        check_compatible(self, store, split)
+        self.output_memory.attach_datastore(store, lam, top_k, theta, search)
