@@ -62,7 +62,9 @@ def test_bench_ssmn_toy(tmp_path):
     assert main(["bench", "ssmn", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
     payload = json.loads((tmp_path / "ssmn.json").read_text())
     kinds = {r["kind"] for r in payload["results"]}
-    assert kinds == {"kernel", "standard_epoch", "text_generation"}
+    assert kinds == {"kernel", "standard_epoch", "generate_sequence", "text_generation"}
+    (seed_row,) = [r for r in payload["results"] if r["kind"] == "generate_sequence"]
+    assert seed_row["tokens_per_s"] > 0 and seed_row["baseline_tokens_per_s"] > 0
     assert all(r["max_rel_err"] < 1e-4 for r in payload["results"] if r["kind"] == "kernel")
 
 

@@ -145,3 +145,23 @@ def test_bad_plasticity_rule():
 
     with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
         SynapticMemory(8, 2, plasticity_rule="delta", chunk_size=0)
+
+
+def test_in_place_step_generates_what_the_copying_step_generates():
+    from mnnn.bench.ssmn import _copying_generation
+    from mnnn.models.ssmn import TextNativeSSMN
+
+    torch.manual_seed(0)
+    model = TextNativeSSMN(60, embed_dim=16, hidden_dim=16, window_size=8, num_layers=2, num_heads=2).eval()
+    prompt = list(range(1, 6))
+    # 20 new tokens: the 8-slot window ring wraps around twice
+    assert model.generate_sequence(prompt, max_length=20, seed=3) == _copying_generation(model, prompt, 20, 3)
+    state = model.init_state(1)
+    with pytest.raises(ValueError, match="no_grad"):
+        model.step(torch.tensor([1]), state, inplace=True)
+    with torch.no_grad():
+        before = state.clone()
+        _, copied = model.step(torch.tensor([1]), state)
+        assert torch.equal(state.attn_k, before.attn_k)  # the default step leaves its input alone
+        _, same = model.step(torch.tensor([1]), state, inplace=True)
+        assert same.attn_k.data_ptr() == state.attn_k.data_ptr() and torch.equal(same.attn_k, copied.attn_k)

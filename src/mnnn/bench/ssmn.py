@@ -1,8 +1,10 @@
-"""``mnnn bench ssmn``: Standard SSMN epoch time at the seed's defaults, Text-Native generation
-speed vs context length, and the fast forms vs their naive loops (training speed at T=1024).
+"""``mnnn bench ssmn``: Standard SSMN epoch time at the seed's defaults, Text-Native
+``generate_sequence`` at the seed's sizes (against the copying step path it replaced), step-path
+generation speed vs context length, and the fast forms vs their naive loops (training speed at
+T=1024).
 
 Verification first: each fast form is compared with its naive loop (max relative error), and
-the step path with the parallel forward.
+``generate_sequence`` must sample exactly the tokens of the copying step path.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from mnnn.ops.window_attention import window_attention, window_attention_naive
 PRESETS = {
     "default": {"standard": {"rows": 1000, "input_dim": 128, "output_dim": 64, "hidden_dim": 256,
                              "window_size": 512, "repeats": 3},
-                "text": {"vocab": 30522, "contexts": [1024, 16384], "new_tokens": 64},
+                "text": {"vocab": 30522, "contexts": [1024, 16384], "new_tokens": 64, "seed_vocab": 1000, "prompt": 16,
+                         "seed_new_tokens": 256},
                 "kernels": {"T": 1024, "B": 4, "H": 4, "D": 32, "window": 128, "repeats": 3}},
     "toy": {"standard": {"rows": 64, "input_dim": 8, "output_dim": 4, "hidden_dim": 16, "window_size": 16,
                          "repeats": 1},
-            "text": {"vocab": 100, "contexts": [32, 64], "new_tokens": 4, "small": True},
+            "text": {"vocab": 100, "contexts": [32, 64], "new_tokens": 4, "small": True, "seed_vocab": 50, "prompt": 4,
+                     "seed_new_tokens": 4},
             "kernels": {"T": 64, "B": 1, "H": 2, "D": 8, "window": 16, "repeats": 1}},
 }
 
@@ -76,24 +80,54 @@ def _standard(c) -> dict[str, Any]:
             "window_size": c["window_size"], "epoch_s": t, "runs_s": runs}
 
 
+def _copying_generation(model, prompt: list[int], n: int, seed: int) -> list[int]:
+    """``generate_sequence`` as it was before the in-place step: every step copies the window
+    caches (the baseline, and the reference the in-place path must sample identically)."""
+    from mnnn.sampling import sample_token
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        logits, state = model.prefill(torch.tensor([prompt]))
+        last, out = logits[0], []
+        for _ in range(n):
+            token = sample_token(last, 1.0, 50, None, gen)
+            out.append(token)
+            logits, state = model.step(torch.tensor([token]), state)
+            last = logits[0]
+    return out
+
+
 def _text(c) -> list[dict[str, Any]]:
     torch.manual_seed(0)
-    kw = dict(embed_dim=16, hidden_dim=16, window_size=8, num_layers=2, num_heads=2) if c.get("small") else {}
-    model = TextNativeSSMN(c["vocab"], **kw).eval()
+    small = dict(embed_dim=16, hidden_dim=16, window_size=8, num_layers=2, num_heads=2) if c.get("small") else {}
     rows = []
+    # the seed's call at the seed's sizes (TextNativeSSMN(vocab_size=1000, embed_dim=128,
+    # hidden_dim=256, window_size=512), 5 layers, batch 1): generate_sequence, prompt included
+    model = TextNativeSSMN(c["seed_vocab"], **small).eval()
+    prompt = torch.randint(0, c["seed_vocab"], (c["prompt"],)).tolist()
+    n = c["seed_new_tokens"]
+    fast = model.generate_sequence(prompt, max_length=n, seed=0)
+    if fast != _copying_generation(model, prompt, n, 0):
+        raise AssertionError("generate_sequence (in-place step) samples other tokens than the copying step path")
+    t, _ = median_time(lambda: model.generate_sequence(prompt, max_length=n, seed=0), repeats=3, warmup=1)
+    t_ref, _ = median_time(lambda: _copying_generation(model, prompt, n, 0), repeats=3)
+    rows.append({"kind": "generate_sequence", "vocab": c["seed_vocab"], "context": c["prompt"], "new_tokens": n,
+                 "tokens_per_s": n / t, "baseline_tokens_per_s": n / t_ref, "speedup": t_ref / t})
+    # the step path vs context length (flat: the window bounds the work), BERT vocabulary
+    model = TextNativeSSMN(c["vocab"], **small).eval()
     for ctx in c["contexts"]:
         prompt = torch.randint(0, c["vocab"], (ctx,))
         with torch.no_grad():
             _, state = model.prefill(prompt[None])
 
             def gen():
-                s, tok = state, torch.tensor([1])
+                s, tok = state.clone(), torch.tensor([1])
                 for _ in range(c["new_tokens"]):
-                    logits, s = model.step(tok, s)
+                    logits, s = model.step(tok, s, inplace=True)
                     tok = logits.argmax(-1)
 
             t, _ = median_time(gen, repeats=3, warmup=1)
-        rows.append({"kind": "text_generation", "context": ctx, "new_tokens": c["new_tokens"],
+        rows.append({"kind": "text_generation", "vocab": c["vocab"], "context": ctx, "new_tokens": c["new_tokens"],
                      "tokens_per_s": c["new_tokens"] / t})
     return rows
 
@@ -110,7 +144,8 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     write_json(out_dir / "ssmn.json", payload)
     md = markdown_table(kernels, ["name", "T", "fast_s", "naive_s", "speedup", "max_rel_err"])
     md += "\n" + markdown_table([standard], ["kind", "rows", "hidden_dim", "window_size", "epoch_s"])
-    md += "\n" + markdown_table(text, ["kind", "context", "new_tokens", "tokens_per_s"])
+    md += "\n" + markdown_table(text, ["kind", "vocab", "context", "new_tokens", "tokens_per_s", "baseline_tokens_per_s",
+                                        "speedup"])
     (out_dir / "ssmn.md").write_text(md)
     _plot(text, kernels, out_dir / "ssmn.png")
     return payload
@@ -123,7 +158,8 @@ def _plot(text, kernels, path):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot([r["context"] for r in text], [r["tokens_per_s"] for r in text], "o-")
+    steps = [r for r in text if r["kind"] == "text_generation"]
+    a.plot([r["context"] for r in steps], [r["tokens_per_s"] for r in steps], "o-")
     a.set_xscale("log")
     a.set_xlabel("context length (tokens)")
     a.set_ylabel("generated tokens / s")

@@ -43,8 +43,9 @@ class WindowAttention(nn.Module):
 
     def step(self, x_t: torch.Tensor, cache: WindowCache):
         q, k, v = self._qkv(x_t[:, None], int(cache.count))
-        o, cache = window_attention_step(q[:, 0], k[:, 0], v[:, 0], cache)
-        self._record_entropy(q[:, 0], cache)
+        o, cache, p = window_attention_step(q[:, 0], k[:, 0], v[:, 0], cache, return_probs=True)
+        with torch.no_grad():  # the newest position's attention entropy, from the weights just used
+            self.last_entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
         return self.out(o.flatten(1)), cache
 
     @torch.no_grad()

@@ -96,16 +96,22 @@ class SSMNCore(nn.Module):
                          synaptic=w.new_zeros(self.n_plastic, batch_size, H, K, K),
                          syn_conv=w.new_zeros(self.n_plastic, batch_size, self.conv_size - 1, 3 * H * K))
 
-    def forward(self, x: torch.Tensor, state: SSMNState | None = None, step: bool = False):
+    def forward(self, x: torch.Tensor, state: SSMNState | None = None, step: bool = False,
+                inplace: bool = False):
         """x ``[B, T, d]`` (or ``[B, d]`` with ``step``) -> (same shape, state). The given state is
-        never modified: the step path clones the stacked caches once and updates the copy."""
+        never modified: the step path clones the stacked caches once and updates the copy —
+        unless ``inplace`` (a step under no_grad whose caller owns ``state`` and drops it, as
+        generation does): then the window caches are written where they are, saving a copy of
+        every layer's window per token."""
         state = self.init_state(x.shape[0]) if state is None else state
         # step writes into its cache in place: under no_grad one clone of all blocks' caches
         # suffices (generation); with autograd each block gets its own copy so that saved
         # tensors are never modified
         shared = step and not torch.is_grad_enabled()
+        if inplace and not shared:
+            raise ValueError("inplace=True is for the step path under torch.no_grad()")
         if shared:
-            all_k, all_v = state.attn_k.clone(), state.attn_v.clone()
+            all_k, all_v = (state.attn_k, state.attn_v) if inplace else (state.attn_k.clone(), state.attn_v.clone())
         ks, vs, syns, convs = [], [], [], []
         p = 0
         for i, block in enumerate(self.blocks):
@@ -225,8 +231,10 @@ class TextNativeSSMNNetwork(TokenLM):
         """``forward`` without the output layer: (features ``[B, T, hidden_dim]``, state)."""
         return self.core(self.encoder(self.embed(tokens)), state)
 
-    def step(self, token_t: torch.Tensor, state: SSMNState):
-        h, state = self.core(self.encoder(self.embed(token_t)), state, step=True)
+    def step(self, token_t: torch.Tensor, state: SSMNState, inplace: bool = False):
+        """One token ``[B]`` -> (logits ``[B, vocab]``, state). ``inplace`` (under no_grad, for a
+        caller that owns ``state`` and never reuses it): the window caches are updated in place."""
+        h, state = self.core(self.encoder(self.embed(token_t)), state, step=True, inplace=inplace)
         return self.head(h), state
 
     def prefill(self, tokens: torch.Tensor, state: SSMNState | None = None):
@@ -300,7 +308,8 @@ class TextNativeSSMN(TextNativeSSMNNetwork):
         for _ in range(max_length):
             token = sample_token(last, temperature, top_k, top_p, gen)
             out.append(token)
-            logits, state = self.step(torch.tensor([token], device=prompt.device), state)
+            # the state is this loop's own (prefill made it): update its window caches in place
+            logits, state = self.step(torch.tensor([token], device=prompt.device), state, inplace=True)
             last = logits[0]
         self.last_state = state
         return out

@@ -60,19 +60,23 @@ def window_attention(
 
 
 def window_attention_step(
-    q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cache: WindowCache
-) -> tuple[torch.Tensor, WindowCache]:
+    q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, cache: WindowCache, return_probs: bool = False
+):
     """One token: write ``k_t, v_t`` into slot ``count % window`` of the ring buffer, then attend
     over the valid slots (order does not matter to softmax attention). O(window) per token.
 
     The cache's ``k``/``v`` buffers are updated in place (callers that need the old state clone
-    it first, as :class:`mnnn.models.ssmn.SSMNCore` does once per step for all blocks)."""
+    it first, as :class:`mnnn.models.ssmn.SSMNCore` does once per step for all blocks).
+    ``return_probs``: also return the attention weights ``[B, H, n]`` over the valid slots."""
     w = cache.k.shape[1]
     c = int(cache.count)
     slot = c % w
     cache.k[:, slot], cache.v[:, slot] = k_t, v_t
     n = min(c + 1, w)
     k, v = (cache.k, cache.v) if n == w else (cache.k[:, :n], cache.v[:, :n])
-    s = torch.einsum("bhk,bjhk->bhj", q_t, k) / math.sqrt(q_t.shape[-1])
-    o = torch.einsum("bhj,bjhv->bhv", torch.softmax(s, dim=-1), v)
-    return o, WindowCache(k=cache.k, v=cache.v, count=cache.count + 1)
+    # elementwise products over the [B, n, H, K] ring: no permuted copy of the cache per token
+    s = (k * q_t[:, None]).sum(-1) / math.sqrt(q_t.shape[-1])  # [B, n, H]
+    p = torch.softmax(s, dim=1)
+    o = (p[..., None] * v).sum(1)
+    new = WindowCache(k=cache.k, v=cache.v, count=cache.count + 1)
+    return (o, new, p.transpose(1, 2)) if return_probs else (o, new)
