@@ -107,3 +107,24 @@ def test_export_suite_fails_when_the_onnx_graph_is_wrong(tmp_path, monkeypatch, 
     payload = json.loads((tmp_path / "export.json").read_text())
     assert payload["check"]["passed"] is False and "differs" in payload["check"]["failures"][0]
     assert not (tmp_path / "export.png").exists()
+
+
+def test_soak_suite_measures_a_planted_leak_and_bounded_models(tmp_path):
+    from mnnn.bench import soak
+
+    payload = soak.run(tmp_path, "toy", progress=False)
+    assert payload["check"]["passed"] and payload["check"]["planted_leak_measured_KiB_per_step"] > 0.5
+    assert {r["model"] for r in payload["results"]} == set(soak.build())
+    assert all(r["ms_per_step"] > 0 and r["rss_end_MB"] > 10 for r in payload["results"])
+    assert (tmp_path / "soak.png").stat().st_size > 1000
+
+
+def test_soak_growth_fit():
+    from mnnn.bench.soak import growth
+
+    flat = [(i * 100, 50_000_000 + (i % 2) * 4096, 1.0) for i in range(11)]
+    leaking = [(i * 100, 50_000_000 + i * 100 * 2048, 1.0) for i in range(11)]
+    assert abs(growth(flat, 0.2)[0]) < 10 and growth(flat, 0.2)[1] > 0
+    assert abs(growth(leaking, 0.2)[0] - 2048) < 1e-6
+    with pytest.raises(ValueError, match="too few samples"):
+        growth(flat[:2], 0.2)

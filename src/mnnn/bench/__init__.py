@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "kernels": "mnnn.bench.kernels",
     "serve": "mnnn.bench.serve",
     "export": "mnnn.bench.export",
+    "soak": "mnnn.bench.soak",
 }
 
 
