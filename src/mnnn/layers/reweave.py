@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,8 @@ class ReweaveLayer(nn.Module):
     planted-recall probe a zero-initialised gate reached 0.06 accuracy after 250 steps, a zero
     ``W_o`` 0.53). Rows without memories get no update. The memories are normalised on their own
     (``LN'``): stored residual-stream states vary widely in norm."""
+
+    _scratch = threading.local()  # per thread, shared by every layer: reused gather buffers
 
     def __init__(self, dim: int, heads: int = 4):
         super().__init__()
@@ -42,6 +46,22 @@ class ReweaveLayer(nn.Module):
                            need_weights=False)
         return h + torch.tanh(self.gate) * out * has[:, None, None].to(h.dtype)
 
+    @classmethod
+    def _gather(cls, table: torch.Tensor, rows: torch.Tensor, slot: int) -> torch.Tensor:
+        """``table.index_select(0, rows)``; without autograd into a buffer kept between calls: the
+        picked rows are ``B T k d`` floats (50 MB for GPT-2 small at T = 512, k = 32), and a fresh
+        tensor that size costs more in page faults than the copy itself (8x here)."""
+        if torch.is_grad_enabled() and table.requires_grad:
+            return table.index_select(0, rows)
+        bufs = getattr(cls._scratch, "bufs", None)
+        if bufs is None:
+            bufs = cls._scratch.bufs = {}
+        n, d = rows.numel(), table.shape[1]
+        buf = bufs.get(slot)
+        if buf is None or buf.numel() < n * d or buf.dtype != table.dtype or buf.device != table.device:
+            buf = bufs[slot] = torch.empty(n * d, dtype=table.dtype, device=table.device)
+        return torch.index_select(table, 0, rows, out=buf[: n * d].view(n, d))
+
     def forward_tokens(self, h: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
                        bias: torch.Tensor | None = None, memory_values: torch.Tensor | None = None,
                        similarity: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,12 +83,12 @@ class ReweaveLayer(nn.Module):
         mem = self.norm_memory(memory.to(h.dtype))
         N = mem.shape[1]
         rows = (idx + N * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)  # whole-row copies
-        picked = mem.reshape(B * N, d).index_select(0, rows).view(B * T, k, d)
+        picked = self._gather(mem.reshape(B * N, d), rows, 0).view(B * T, k, d)
         if memory_values is None:
             picked_values = picked
         else:
             vals = self.norm_memory(memory_values.to(h.dtype))
-            picked_values = vals.reshape(B * N, d).index_select(0, rows).view(B * T, k, d)
+            picked_values = self._gather(vals.reshape(B * N, d), rows, 1).view(B * T, k, d)
         # keys folded into the query: q_h . (W_k,h m + b_k,h) = (W_k,h^T q_h) . m + q_h . b_k,h
         q = F.linear(self.norm(h), w_q, b_q).view(B * T, heads, hd)
         q_mem = torch.einsum("nhe,hed->nhd", q, w_k.view(heads, hd, d))  # [B T, heads, d]

@@ -168,11 +168,11 @@ class Retriever:
         unit = F.normalize(states.float(), dim=-1)
         B, T, P = pool.shape
         N, d = unit.shape[1], unit.shape[2]
-        if d <= 4 * P:  # narrow states: gather the pool's vectors, one batched matmul
+        if N * N > T * P * P:  # more entries than pooled pairs: gather the pool's vectors, one bmm
             rows = (pool + N * torch.arange(B, device=pool.device)[:, None, None]).reshape(-1)
             vec = unit.reshape(B * N, d).index_select(0, rows).view(B * T, P, d)
             pair = torch.bmm(vec, vec.transpose(1, 2)).view(B, T, P, P)
-        else:  # wide states: the stream's Gram matrix once, then read the pool's pairs
+        else:  # the stream's Gram matrix once (the cheaper product here), then read the pool's pairs
             gram = unit @ unit.transpose(1, 2)  # [B, N, N]
             flat = (torch.arange(B, device=pool.device)[:, None, None, None] * N + pool[..., :, None]) * N \
                 + pool[..., None, :]
