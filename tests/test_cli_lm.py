@@ -104,6 +104,7 @@ BAD_TRAINING = {
     "training.grad_clip=-1": "training.grad_clip must be a finite number > 0, got -1",
     "training.weight_decay=-1": "training.weight_decay must be a finite number >= 0, got -1",
     "training.seed=x": "training.seed must be an integer >= 0, got 'x'",
+    "training.keep_last=0": "training.keep_last must be an integer >= 1, got 0",
     "training.out_dir=3": "training.out_dir must be a string, got 3",
     "training.sample_prompt=null": "training.sample_prompt must not be null",
     "training.seq_len=[1": "is not valid YAML",

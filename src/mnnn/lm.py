@@ -46,6 +46,8 @@ TRAINING_SCHEMA: dict[str, tuple[str, float | None, bool, str]] = {
     "eval_every": ("int", 0, True, "validate every N steps; 0 or null: never during training"),
     "checkpoint_every": ("int", 0, True, "checkpoint every N steps; 0 or null: only at the end"),
     "max_bad_steps": ("int", 1, False, "non-finite steps in a row before the run stops"),
+    "keep_last": ("int", 1, False, "checkpoints kept: 1 = checkpoint.safetensors only; N > 1 also keeps the "
+                  "newest N as checkpoints/step-N.safetensors"),
     "out_dir": ("str", None, False, "output folder"),
     "eval_batch_size": ("int", 1, False, "streams in the final evaluation"),
     "eval_tokens": ("int", 2, True, "valid tokens evaluated at the end; null: the whole split"),

@@ -229,3 +229,23 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path):
         ["model.a: 1 -> 2"]
     assert config_changes({"seed": 0, "training": {"seed": 0}}, {"seed": 1, "training": {"seed": 1}}) == \
         ["training.seed: 0 -> 1"]
+
+
+def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
+    from mnnn.models.lm_baselines import LSTMLM
+
+    torch.manual_seed(0)
+    model = LSTMLM(40, embed_dim=8, hidden_dim=8)
+    ids = np.random.default_rng(0).integers(0, 40, 4000)
+    train_lm(model, ids, batch_size=2, seq_len=8, max_steps=7, out_dir=tmp_path, checkpoint_every=2, keep_last=2,
+             warmup=1)
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-00000006.safetensors", "step-00000007.safetensors"]  # every 2 steps and the end
+    latest, meta = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    last, meta_last = load_checkpoint(tmp_path / "checkpoints" / kept[-1])
+    earlier, meta_earlier = load_checkpoint(tmp_path / "checkpoints" / kept[0])
+    assert meta["step"] == meta_last["step"] == 7 and meta_earlier["step"] == 6
+    assert all(torch.equal(latest[k], last[k]) for k in latest)
+    assert not all(torch.equal(latest[k], earlier[k]) for k in latest if k.startswith("model/"))
+    with pytest.raises(ValueError, match="keep_last"):
+        train_lm(model, ids, batch_size=2, seq_len=8, max_steps=1, keep_last=0)

@@ -132,6 +132,7 @@ def train_lm(
     resume: bool = True,
     config: dict[str, Any] | None = None,
     max_bad_steps: int = 10,
+    keep_last: int = 1,
 ) -> dict[str, Any]:
     """The one LM training loop: AdamW with warm-up and cosine decay, gradient clipping, TBPTT
     with the state carried (detached) across segments, stopping after ``max_steps`` or
@@ -146,7 +147,12 @@ def train_lm(
 
     A step whose loss or gradient is not finite is skipped (no update) and counted
     (``skipped_steps`` in metrics.jsonl); ``max_bad_steps`` in a row raise ``FloatingPointError``.
-    A checkpoint is only written while the weights are finite, so the last good one survives."""
+    A checkpoint is only written while the weights are finite, so the last good one survives.
+    ``keep_last`` > 1 also keeps each checkpoint as ``checkpoints/step-N.safetensors`` (a hard link
+    to the file just written where the file system allows, else a copy), the newest
+    ``keep_last`` of them; ``checkpoint.safetensors`` is always the latest, and resume reads it."""
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
     if max_steps is None and time_budget_s is None:
         raise ValueError("give max_steps or time_budget_s")
     for name, value in (("learning_rate", learning_rate), ("grad_clip", grad_clip)):
@@ -213,6 +219,8 @@ def train_lm(
         if ckpt is not None and consecutive_bad == 0 and all(bool(torch.isfinite(p).all())
                                                             for p in model.parameters()):
             save_checkpoint(ckpt, model, opt, state, step, run_config, {"schedule_len": schedule_len})
+            if keep_last > 1:
+                _keep_snapshot(ckpt, step, keep_last)
 
     try:
         while step < planned:
@@ -299,7 +307,8 @@ def train_lm(
 
 # keys a resumed run may change: how long it runs, what it logs and writes, not what it computes
 RESUMABLE_CHANGES = frozenset({"max_steps", "time_budget_s", "eval_every", "checkpoint_every", "eval_batch_size",
-                               "eval_tokens", "out_dir", "sample_prompt", "max_bad_steps"})
+                               "eval_tokens", "out_dir", "sample_prompt", "max_bad_steps",
+                               "keep_last"})
 
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -319,6 +328,27 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     # the run's own arguments repeat the training section's keys at the top level: say each once
     named = {line.split(":", 1)[0] for line in out}
     return [line for line in out if f"training.{line.split(':', 1)[0]}" not in named]
+
+
+def _keep_snapshot(ckpt: Path, step: int, keep_last: int) -> None:
+    """``checkpoints/step-N.safetensors`` for the checkpoint just written; only the newest
+    ``keep_last`` stay. Checkpoints are replaced by rename, so a hard link keeps this one's bytes
+    after the next is written; the link (or copy) is made under a temporary name, then renamed."""
+    import os
+    import shutil
+
+    folder = ckpt.parent / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    target = folder / f"step-{step:08d}.safetensors"
+    tmp = folder / f".{target.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(ckpt, tmp)
+    except OSError:  # no hard links here: copy
+        shutil.copyfile(ckpt, tmp)
+    os.replace(tmp, target)
+    for old in sorted(folder.glob("step-*.safetensors"))[:-keep_last]:
+        old.unlink()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
