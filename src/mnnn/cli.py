@@ -241,7 +241,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         import math
 
         summary["datastore"] = {**{k: v for k, v in ds.items() if not k.startswith("nll")},
-                                **{f"ppl_{k[4:]}": math.exp(v) for k, v in ds.items() if k.startswith("nll")}}
+                                **{f"ppl_{k[4:]}": math.exp(v) for k, v in ds.items()
+                                   if k.startswith("nll") and isinstance(v, float)}}
     print(json.dumps({k: v for k, v in summary.items() if k not in ("blocks", "output_memory")}, indent=2))
     return 0
 

@@ -175,3 +175,22 @@ def test_untrained_datastore_hit_rate_is_near_chance_on_random_tokens():
     ds = model.get_stats()["output_memory"]["datastore"]
     assert ds["hit_rate_chance"] > 0.05
     assert ds["hit_rate_chance"] / 2 <= ds["hit_rate"] <= 2 * ds["hit_rate_chance"]
+
+
+def test_lambda_grid_scores_other_weights_on_the_same_pass():
+    model = _s3cmn()
+    store = _store(model)
+    tok = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(ValueError, match="lambda_grid"):
+        model.attach_datastore(store, lambda_grid=(0.5, 1.0))
+    model.attach_datastore(store, lam=0.25, lambda_grid=(0.1, 0.25, 0.6))
+    with torch.no_grad():
+        model.reset_stats()
+        model(tok[:, :-1], targets=tok[:, 1:])
+        ds = model.get_stats()["output_memory"]["datastore"]
+        assert math.isclose(ds["nll_both_by_lambda"][0.25], ds["nll_both"], rel_tol=1e-9)
+        model.attach_datastore(store, lam=0.6)
+        model.reset_stats()
+        model(tok[:, :-1], targets=tok[:, 1:])
+        assert math.isclose(model.get_stats()["output_memory"]["datastore"]["nll_both"], ds["nll_both_by_lambda"][0.6],
+                            rel_tol=1e-9)

@@ -68,6 +68,7 @@ class OutputMemory(nn.Module):
         self.enabled = True
         self.datastore = None  # a persistent Datastore read beside the cache (kNN-LM); see attach_datastore
         self.datastore_lambda, self.datastore_k, self.datastore_theta, self.datastore_search = 0.25, 32, None, "exact"
+        self.datastore_lambda_grid: tuple[float, ...] = ()  # other lambdas scored on the same pass (statistics)
         self.reset_stats()
 
     @property
@@ -75,10 +76,12 @@ class OutputMemory(nn.Module):
         return float(self.log_theta.detach().exp())
 
     def attach_datastore(self, store, lam: float = 0.25, top_k: int = 32, theta: float | None = None,
-                         search: str = "exact") -> None:
+                         search: str = "exact", lambda_grid: tuple[float, ...] = ()) -> None:
         """Read ``store`` (a :class:`mnnn.memory.datastore.Datastore`) at every position:
         ``p = (1 - lam) p_cache + lam p_ds`` with ``p_ds`` a softmax of ``theta`` x cosine over its
-        ``top_k`` entries (``theta`` None: this memory's learned theta). ``store=None`` detaches."""
+        ``top_k`` entries (``theta`` None: this memory's learned theta). ``lambda_grid``: other
+        weights whose NLL the statistics also record on the same pass (a sensitivity sweep; the
+        output uses ``lam``). ``store=None`` detaches."""
         if store is None:
             self.datastore = None
             return
@@ -94,6 +97,10 @@ class OutputMemory(nn.Module):
             raise ValueError(f"datastore theta must be a finite number > 0 or None, got {theta!r}")
         if search not in SEARCHES:
             raise ValueError(f"datastore search must be one of {SEARCHES}, got {search!r}")
+        for g in lambda_grid:
+            if not (isinstance(g, (int, float)) and 0 < g < 1):
+                raise ValueError(f"datastore lambda_grid values must be in (0, 1), got {g!r}")
+        self.datastore_lambda_grid = tuple(float(g) for g in lambda_grid)
         self.datastore, self.datastore_lambda, self.datastore_k = store, float(lam), top_k
         self.datastore_theta, self.datastore_search = theta, search
 
@@ -109,6 +116,7 @@ class OutputMemory(nn.Module):
         self._stats = dict.fromkeys(("positions", "reads", "hits", "hits_chance", "best", "best_chance",
                                      "lambda", "nll", "nll_lm", "ds_positions", "ds_hits", "ds_hits_chance",
                                      "ds_best", "ds_best_chance", "nll_full", "nll_ds_only"), 0.0)
+        self._grid_nll: dict[float, float] = {}
 
     def get_stats(self) -> dict[str, float]:
         """Over the positions scored with targets since :meth:`reset_stats`:
@@ -134,7 +142,8 @@ class OutputMemory(nn.Module):
                 "retrieval_accuracy": s["ds_best"] / m, "retrieval_accuracy_chance": s["ds_best_chance"] / m,
                 "nll_lm": s["nll_lm"] / m, "nll_cache": s["nll"] / m, "nll_datastore": s["nll_ds_only"] / m,
                 "nll_both": s["nll_full"] / m, "lambda": self.datastore_lambda, "top_k": self.datastore_k,
-                "theta": self.datastore_theta or self.theta, "size": self.datastore.size if self.datastore else 0}
+                "theta": self.datastore_theta or self.theta, "size": self.datastore.size if self.datastore else 0,
+                "nll_both_by_lambda": {g: v / m for g, v in sorted(self._grid_nll.items())}}
         return {**extra, "hit_rate": s["hits"] / reads, "hit_rate_chance": s["hits_chance"] / reads,
                 "retrieval_accuracy": s["best"] / reads, "retrieval_accuracy_chance": s["best_chance"] / reads,
                 "memory_gain_nats": (s["nll_lm"] - s["nll"]) / n, "mean_lambda": s["lambda"] / n,
@@ -258,6 +267,9 @@ class OutputMemory(nn.Module):
             s["ds_best_chance"] += float(freq.sum())
             s["nll_full"] += float(nll.sum())
             s["nll_ds_only"] += float(-torch.logaddexp(log_1m - nll_lm, log_lam + log_p_ds).sum())
+            for g in self.datastore_lambda_grid:
+                nll_g = -torch.logaddexp(math.log1p(-g) - nll_cache, math.log(g) + log_p_ds)
+                self._grid_nll[g] = self._grid_nll.get(g, 0.0) + float(nll_g.sum())
         return nll, nll_lm
 
     @torch.no_grad()

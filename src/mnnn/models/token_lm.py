@@ -29,12 +29,14 @@ class TokenLM(nn.Module):
         return self.head(feats), state
 
     def attach_datastore(self, store, lam: float = 0.25, top_k: int = 32, theta: float | None = None,
-                         search: str = "exact", split: str | None = None) -> None:
+                         search: str = "exact", split: str | None = None,
+                         lambda_grid: tuple[float, ...] = ()) -> None:
         """Read a persistent datastore (:mod:`mnnn.memory.datastore`, built by ``mnnn index``)
         beside the output memory's cache: ``p = (1 - lam) p_cache + lam p_ds``. Refused for a
         model without an output memory, a store of another vocabulary, feature size or weights,
         and (``split`` given) when evaluating on the split the store was built from.
-        ``store=None`` detaches; ``set_memory_enabled(False)`` switches this read off too."""
+        ``store=None`` detaches; ``set_memory_enabled(False)`` switches this read off too.
+        ``lambda_grid``: other weights scored on the same pass (statistics only)."""
         from mnnn.memory.datastore import check_compatible
 
         if store is None:
@@ -42,4 +44,4 @@ class TokenLM(nn.Module):
                 self.output_memory.attach_datastore(None)
             return
         check_compatible(self, store, split)
-        self.output_memory.attach_datastore(store, lam, top_k, theta, search)
+        self.output_memory.attach_datastore(store, lam, top_k, theta, search, lambda_grid)
