@@ -113,7 +113,7 @@ def test_soak_suite_measures_a_planted_leak_and_bounded_models(tmp_path):
     from mnnn.bench import soak
 
     payload = soak.run(tmp_path, "toy", progress=False)
-    assert payload["check"]["passed"] and payload["check"]["planted_leak_measured_KiB_per_step"] > 0.5
+    assert payload["check"]["passed"] and payload["check"]["planted_leak_measured_KiB_per_step"] > 2
     assert {r["model"] for r in payload["results"]} == set(soak.build())
     assert all(r["ms_per_step"] > 0 and r["rss_end_MB"] > 10 for r in payload["results"])
     assert (tmp_path / "soak.png").stat().st_size > 1000
