@@ -174,9 +174,6 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     _check_flags(("--max-tokens", args.max_tokens, 2, True), ("--batch-size", args.batch_size, 1, False))
     model, meta = load_checkpoint_model(args.checkpoint)
-    if not getattr(model, "has_output_memory", False):
-        raise ValueError("mnnn index: this checkpoint's model has no output memory to read a datastore "
-                         "(S3CMN with memory_fusion output or both, or a baseline with memory.enabled=true)")
     ids = _load_data(args.split)[: args.max_tokens]
     store = build_datastore(model, ids, batch_size=args.batch_size, seq_len=meta["config"].get("seq_len", 128),
                             progress=not args.quiet,

@@ -44,8 +44,7 @@ class WindowAttention(nn.Module):
     def step(self, x_t: torch.Tensor, cache: WindowCache):
         q, k, v = self._qkv(x_t[:, None], int(cache.count))
         o, cache, p = window_attention_step(q[:, 0], k[:, 0], v[:, 0], cache, return_probs=True)
-        with torch.no_grad():  # the newest position's attention entropy, from the weights just used
-            self.last_entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+        self._set_entropy(p)  # from the weights just used: no second attention pass
         return self.out(o.flatten(1)), cache
 
     @torch.no_grad()
@@ -53,5 +52,9 @@ class WindowAttention(nn.Module):
         """Entropy (nats) of the newest position's attention over the window, mean over heads."""
         n = min(int(cache.count), self.window)
         keys = cache.k if n == self.window else cache.k[:, :n]
-        p = torch.softmax(torch.einsum("bhk,bjhk->bhj", q_last, keys) / self.head_dim**0.5, dim=-1)
+        self._set_entropy(torch.softmax(torch.einsum("bhk,bjhk->bhj", q_last, keys) / self.head_dim**0.5, dim=-1))
+
+    @torch.no_grad()
+    def _set_entropy(self, p: torch.Tensor) -> None:
+        """``last_entropy`` = entropy (nats) of attention weights ``p [B, H, n]``, mean over heads."""
         self.last_entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())

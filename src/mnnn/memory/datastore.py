@@ -101,7 +101,7 @@ class Datastore:
         ``k' = min(k, size)``. ``'exact'`` scans the keys in blocks of ``block``; ``'faiss'`` asks an
         inverted-file index (built on first use; see :meth:`build_faiss`)."""
         scores, idx = self.search_entries(queries, k, search, block)
-        return scores, self.values.long()[idx.cpu()].to(scores.device)
+        return scores, self.values[idx.cpu()].long().to(scores.device)  # index first: no copy of the store
 
     def search_entries(self, queries: torch.Tensor, k: int, search: str = "exact",
                        block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:

@@ -245,16 +245,18 @@ class OutputMemory(nn.Module):
             valid = torch.isfinite(scores)
             theta = self.datastore_theta or self.theta
             w = torch.softmax((theta * scores.masked_fill(~valid, 0.0)).masked_fill(~valid, -1e4), -1) * valid
-        dt = q.dtype
-        log_lam = torch.tensor(math.log(self.datastore_lambda), dtype=dt, device=q.device)
-        log_1m = torch.tensor(math.log1p(-self.datastore_lambda), dtype=dt, device=q.device)
+        dt, lam = q.dtype, self.datastore_lambda
         if targets is None:
             p_ds = torch.zeros_like(out).scatter_add_(-1, ids, w.to(dt))
-            return torch.logaddexp(log_1m + out, log_lam + p_ds.clamp_min(_TINY).log())
+            return torch.logaddexp(math.log1p(-lam) + out, math.log(lam) + p_ds.clamp_min(_TINY).log())
         nll_cache, nll_lm = out
         p_y = (w.to(dt) * (ids == targets[..., None])).sum(-1)
         log_p_ds = p_y.clamp_min(_TINY).log()
-        nll = -torch.logaddexp(log_1m - nll_cache, log_lam + log_p_ds)
+
+        def mixed(nll_base: torch.Tensor, g: float) -> torch.Tensor:  # NLL of (1 - g) p_base + g p_ds
+            return -torch.logaddexp(math.log1p(-g) - nll_base, math.log(g) + log_p_ds)
+
+        nll = mixed(nll_cache, lam)
         with torch.no_grad():
             s = self._stats
             freq = store.value_freq.to(q.device)[targets]
@@ -266,10 +268,9 @@ class OutputMemory(nn.Module):
             s["ds_best"] += float(best.sum())
             s["ds_best_chance"] += float(freq.sum())
             s["nll_full"] += float(nll.sum())
-            s["nll_ds_only"] += float(-torch.logaddexp(log_1m - nll_lm, log_lam + log_p_ds).sum())
+            s["nll_ds_only"] += float(mixed(nll_lm, lam).sum())
             for g in self.datastore_lambda_grid:
-                nll_g = -torch.logaddexp(math.log1p(-g) - nll_cache, math.log(g) + log_p_ds)
-                self._grid_nll[g] = self._grid_nll.get(g, 0.0) + float(nll_g.sum())
+                self._grid_nll[g] = self._grid_nll.get(g, 0.0) + float(mixed(nll_cache, g).sum())
         return nll, nll_lm
 
     @torch.no_grad()
