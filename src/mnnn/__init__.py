@@ -6,7 +6,7 @@ first use (``import mnnn`` stays fast and does not need transformers)::
     from mnnn import AMRC, PMRC, AMN, create_model                     # seeds/003 (MNNN API)
     from mnnn import SparseStreamMemoryNetwork, TextNativeSSMN          # seeds/002 (SSMN)
     from mnnn import S3CMN, Memory, SpikingLayer                        # seeds/000-001 (S3CMN)
-    from mnnn import CMRModel, CMRConfig                                # seeds/004 (CMR)
+    from mnnn import CMRModel, CMRConfig, FullCMRModel, IntegratedCMRModel  # seeds/004 (CMR)
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ _LAZY = {
     "SynapticMemory": "mnnn.layers.synaptic",
     "CMRModel": "mnnn.models.cmr",
     "CMRConfig": "mnnn.models.cmr",
+    "FullCMRModel": "mnnn.models.cmr",
+    "IntegratedCMRModel": "mnnn.models.cmr",
 }
 
 __all__ = ["AMN", "AMRC", "PMRC", "__version__", "create_model", *_LAZY]

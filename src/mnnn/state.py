@@ -22,7 +22,34 @@ S = TypeVar("S", bound="TensorState")
 
 @dataclasses.dataclass
 class TensorState:
-    """Base class for recurrent states: a dataclass whose fields are tensors (or nested states)."""
+    """Base class for recurrent states: a dataclass whose fields are tensors (or nested states).
+
+    Two states are equal when they have the same type and every field is equal (tensors: same
+    shape, dtype and values), so ``state == other`` is a bool rather than the "ambiguous truth
+    value" error that the dataclass default (a tuple comparison of tensors) raises.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Put the value equality in the subclass itself: @dataclass then keeps it instead of
+        # generating its own field-tuple comparison.
+        cls.__eq__ = TensorState.__eq__
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        for field in dataclasses.fields(self):
+            a, b = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+                    return False
+                if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a.cpu(), b.cpu()):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # mutable: states are not dictionary keys
 
     def map(self: S, fn: Callable[[torch.Tensor], torch.Tensor]) -> S:
         """Apply ``fn`` to every tensor field and return a new state of the same type."""

@@ -114,6 +114,36 @@ def test_hyperparameters_settable_between_fits(xy):
         amn.fit(X, y, epochs=1)
 
 
+@pytest.mark.parametrize("name", ["amrc", "pmrc", "amn", "ssmn", "lstm", "gru"])
+def test_memory_state_round_trip_after_training(name, xy):
+    """get/set_memory_state (+ the AMN manifold) restore the predictions exactly after real
+    training, when every part of the state is far from zero."""
+    X, y = xy
+    size = {"hidden_dim": 16, "num_layers": 2, "window_size": 8} if name == "ssmn" else {"hidden_size": 8}
+    model = create_model(name, random_state=0, **size).fit(X, y, epochs=20)
+    snap = model.get_memory_state().copy()
+    manifold = model.get_manifold_state().copy() if name == "amn" else None
+    first = model.predict(X)
+    model.predict(X[::-1])  # the state moves on
+    assert not np.array_equal(model.get_memory_state(), snap)
+    model.set_memory_state(snap)
+    if name == "amn":
+        assert np.abs(manifold).max() > 1e-3
+        np.testing.assert_raises(AssertionError, np.testing.assert_array_equal, model.predict(X[:5]), first[:5])
+        model.set_memory_state(snap)
+        model.set_manifold_state(manifold)
+    np.testing.assert_array_equal(model.predict(X), first)
+
+
+def test_set_manifold_state_refuses_bad_input(xy):
+    X, y = xy
+    model = AMN(hidden_size=8, memory_manifold_size=4, random_state=0).fit(X, y, epochs=1)
+    with pytest.raises(ValueError, match=r"shape \(4, 8\)"):
+        model.set_manifold_state(np.zeros((8, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        model.set_manifold_state(np.full((4, 8), np.nan))
+
+
 def test_amn_diagnostics_and_manifold(xy, capsys):
     X, y = xy
     model = AMN(hidden_size=8, memory_manifold_size=4, random_state=0).fit(X, y, epochs=2)
@@ -280,8 +310,8 @@ def test_wrong_feature_count_and_types(xy):
         model.predict(np.zeros((2, 4)))
     with pytest.raises(TypeError, match="numbers"):
         model.predict(np.array([["a", "b", "c"]]))
-    # float64 and int are converted, not refused
-    assert model.predict(X.astype(np.float64)).dtype == np.float32
+    # float64 and int are converted, not refused; predictions are float64 unless X is float32
+    assert model.predict(X.astype(np.float64)).dtype == np.float64
     assert model.predict(np.ones((2, 3), dtype=np.int64)).shape == (2, 2)
     with pytest.raises(ValueError, match="metric"):
         model.score(X, y, metric="accuracy")

@@ -7,6 +7,7 @@ from typing import Callable
 
 SUITES: dict[str, str] = {
     "estimators": "mnnn.bench.estimators",
+    "robustness": "mnnn.bench.robustness",
     "memory": "mnnn.bench.memory",
     "ssmn": "mnnn.bench.ssmn",
     "lm": "mnnn.bench.lm",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mnnn.estimators.amn import AMN
 from mnnn.estimators.amrc import AMRC
-from mnnn.estimators.base import SequenceEstimator
+from mnnn.estimators.base import SequenceEstimator, expected_failed_checks
 from mnnn.estimators.baselines import GRURegressor, LSTMRegressor
 from mnnn.estimators.pmrc import PMRC
 from mnnn.estimators.ssmn import SparseStreamMemoryNetwork
@@ -46,4 +46,4 @@ def create_model(model_type: str, **kwargs) -> SequenceEstimator:
 
 
 __all__ = ["AMN", "AMRC", "GRURegressor", "LSTMRegressor", "MODELS", "PMRC", "SequenceEstimator", "SparseStreamMemoryNetwork",
-           "create_model"]
+           "create_model", "expected_failed_checks"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from mnnn.estimators._sklearn import check_is_fitted
 from mnnn.estimators.base import SequenceEstimator
@@ -89,6 +90,20 @@ class AMN(SequenceEstimator):
         """The manifold ``[memory_manifold_size, hidden_size]``."""
         check_is_fitted(self, "network_")
         return self._memory.manifold[0, 0].detach().cpu().numpy().copy()
+
+    def set_manifold_state(self, manifold) -> None:
+        """Set the manifold returned by :meth:`get_manifold_state` (``[memory_manifold_size,
+        hidden_size]``, finite). With ``set_memory_state`` it restores the whole state, so
+        predictions continue exactly as from the saved point."""
+        check_is_fitted(self, "network_")
+        current = self._memory.manifold
+        arr = np.asarray(manifold, dtype=np.float32)
+        if arr.shape != tuple(current.shape[2:]):
+            raise ValueError(f"manifold must have shape {tuple(current.shape[2:])} "
+                             f"(memory_manifold_size, hidden_size), got {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError("manifold contains NaN or infinity")
+        self._memory.manifold = torch.from_numpy(arr.copy()).to(current).reshape(current.shape)
 
     def reset_manifold(self) -> None:
         """Zero the manifold only (liquid and LRU states are kept)."""

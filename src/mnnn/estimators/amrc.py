@@ -18,6 +18,9 @@ class AMRC(SequenceEstimator):
         input_size, hidden_size, output_size: layer sizes (``None``: from the data).
         beta: memory-preserving echo, ``h_t = n_t + beta h_{t-1}``.
         alpha: stateful-neuron memory rate, ``m_t = (1 - alpha) m_{t-1} + alpha n_t``.
+            The seed's guide says ``beta=0`` gives a feed-forward network, but in its own equations
+            ``m`` still carries the past into ``n_t = tanh(W x_t + b + m_{t-1})``; ``beta=0, alpha=0``
+            is the feed-forward network (PMRC also ``use_recurrent=False``, no output memory).
         learning_rate: AdamW step size.
         bptt: window length (rows) of truncated backpropagation through time.
         weight_decay, grad_clip: AdamW weight decay and gradient-norm clip.

@@ -1,5 +1,5 @@
 """One training loop for every model."""
 
-from mnnn.training.loop import TrainHistory, train_epochs, window_starts
+from mnnn.training.loop import TrainHistory, train_epochs
 
-__all__ = ["TrainHistory", "train_epochs", "window_starts"]
+__all__ = ["TrainHistory", "train_epochs"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -73,25 +73,6 @@ def train_epochs(
     if bar is not None:
         bar.close()
     return history
-
-
-def window_starts(n_rows: int, window: int, stride: int, generator: torch.Generator) -> list[int]:
-    """Start rows of overlapping windows over a row sequence, shifted by a random offset each
-    epoch so that every row is seen at every window position over time (rows keep their order
-    inside a window; only the windows are shuffled)."""
-    if n_rows <= window:
-        return [0]
-    offset = int(torch.randint(0, stride, (1,), generator=generator))
-    starts = list(range(offset, n_rows - window + 1, stride))
-    if not starts or starts[-1] != n_rows - window:
-        starts.append(n_rows - window)
-    perm = torch.randperm(len(starts), generator=generator).tolist()
-    return [starts[i] for i in perm]
-
-
-def chunks(items: list[int], size: int) -> Iterator[list[int]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
