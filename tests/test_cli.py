@@ -62,7 +62,10 @@ def test_bench_ssmn_toy(tmp_path):
     assert main(["bench", "ssmn", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
     payload = json.loads((tmp_path / "ssmn.json").read_text())
     kinds = {r["kind"] for r in payload["results"]}
-    assert kinds == {"kernel", "standard_epoch", "generate_sequence", "text_generation"}
+    assert kinds == {"quality", "kernel", "standard_epoch", "generate_sequence", "text_generation"}
+    assert payload["check"]["passed"] and payload["check"]["max_err"]["standard_step_vs_forward"] < 1e-4
+    variants = {r["variant"] for r in payload["results"] if r.get("task", "").startswith("delayed recall")}
+    assert variants == {"hebbian, importance-gated", "hebbian, ungated", "delta rule", "no plasticity (eta 0)"}
     (seed_row,) = [r for r in payload["results"] if r["kind"] == "generate_sequence"]
     assert seed_row["tokens_per_s"] > 0 and seed_row["baseline_tokens_per_s"] > 0
     assert all(r["max_rel_err"] < 1e-4 for r in payload["results"] if r["kind"] == "kernel")
@@ -156,3 +159,27 @@ def test_bench_datastore_fails_when_its_check_fails(tmp_path, monkeypatch):
     assert main(["bench", "datastore", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
     payload = json.loads((tmp_path / "datastore.json").read_text())
     assert not payload["check"]["passed"] and "brute-force" in payload["check"]["failures"][0]
+
+
+def test_internal_errors_are_one_line_unless_debug(tmp_path, monkeypatch, capsys):
+    import mnnn.cli as cli
+
+    def broken(args):
+        raise RuntimeError("something\ninside broke")
+
+    monkeypatch.setattr(cli, "_cmd_info", broken)
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: unexpected RuntimeError: something inside broke; run again with `mnnn --debug ...` "
+                   "for the traceback"]
+    with pytest.raises(RuntimeError, match="inside broke"):
+        main(["--debug", "info"])
+
+
+def test_model_errors_come_before_the_data_is_read(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MNNN_DATA_DIR", str(tmp_path))  # empty: the data loader would fail
+    code = main(["train", "--no-resume", "--quiet", "--out", str(tmp_path / "o"), "--set", "model.threshold=.inf"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "error: threshold must be a finite number in (0, inf), got inf"
+    code = main(["train", "--no-resume", "--quiet", "--out", str(tmp_path / "o"), "--set", "model.memory_size=7"])
+    assert code == 2 and "both the model and the memory section" in capsys.readouterr().err

@@ -99,9 +99,9 @@ def run_training(cfg: dict, out_dir=None, resume: bool = True, quiet: bool = Fal
     prompt = tr.pop("sample_prompt", "the history of the city")
     eval_bs = tr.pop("eval_batch_size", 4)
     eval_tokens = tr.pop("eval_tokens", None)  # None: the whole valid split
-    train_ids, valid_ids = _load_data("train"), _load_data("valid")
     seed_everything(int(tr.get("seed", 0)))  # the initialisation too: same config, same run
-    model = build_model(cfg)
+    model = build_model(cfg)  # a bad model or memory key fails here, before any data is read
+    train_ids, valid_ids = _load_data("train"), _load_data("valid")
     print(f"{cfg['model'].get('name', 's3cmn')}: {sum(p.numel() for p in model.parameters()):,} parameters; "
           f"training on {len(train_ids):,} WikiText-2 tokens -> {out_dir}")
     hist = train_lm(model, train_ids, valid_ids=valid_ids[:20000] if tr.get("eval_every") else None,
@@ -314,6 +314,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mnnn", description="Memory-Native Neural Networks: train, evaluate and benchmark.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of the one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="train AMRC, PMRC and AMN on the noisy sine task (the main job)",
@@ -462,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     from mnnn.deploy.export import ExportCheckFailed
 
     args = build_parser().parse_args(argv)
+    if args.debug:
+        return args.func(args)
     try:
         return args.func(args)
     except (DataNotFoundError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
@@ -479,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except FloatingPointError as err:  # a diverged run: it stopped and kept its last good checkpoint
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug, not a user error: one line, the traceback with --debug
+        print(f"error: unexpected {type(err).__name__}: {' '.join(str(err).split())}; "
+              "run again with `mnnn --debug ...` for the traceback", file=sys.stderr)
         return 1
 
 

@@ -135,7 +135,7 @@ def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
     """The language model a config describes (memory keys merged into the model's)."""
     model_cfg = copy.deepcopy(cfg["model"])
     name = model_cfg.pop("name", "s3cmn")
-    if name not in LANGUAGE_MODELS:
+    if not isinstance(name, str) or name not in LANGUAGE_MODELS:
         raise KeyError(f"unknown model {name!r}; known: {sorted(LANGUAGE_MODELS)}")
     memory = dict(cfg.get("memory") or {})
     enabled = memory.pop("enabled", None)
@@ -148,6 +148,11 @@ def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
             base = LANGUAGE_MODELS[name](**model_cfg)
         except TypeError as err:
             raise ValueError(f"bad config for model {name!r}: {err}") from err
+        except RuntimeError as err:
+            if "allocate" not in str(err):
+                raise
+            raise ValueError(f"model {name!r} does not fit in memory with these sizes "
+                             f"({' '.join(str(err).split())[-120:]}); reduce them") from None
         if not enabled:
             if memory:
                 raise ValueError(f"memory keys {sorted(memory)} given for {name!r} without memory.enabled=true")
@@ -158,11 +163,21 @@ def build_model(cfg: dict[str, Any]) -> torch.nn.Module:
             return OutputMemoryLM(base, **memory)
         except TypeError as err:
             raise ValueError(f"bad memory config for model {name!r}: {err}") from err
+    both = sorted(k for k in set(model_cfg) & set(memory) if model_cfg[k] != memory[k])
+    if both:  # the memory section would silently win
+        raise ValueError(f"{both} given in both the model and the memory section with different values "
+                         f"(model: {[model_cfg[k] for k in both]}, memory: {[memory[k] for k in both]}); "
+                         "set memory keys in the memory section only")
     model_cfg.update(memory)
     try:
         model = LANGUAGE_MODELS[name](**model_cfg)
     except TypeError as err:
         raise ValueError(f"bad config for model {name!r}: {err}") from err
+    except RuntimeError as err:
+        if "allocate" not in str(err):
+            raise
+        raise ValueError(f"model {name!r} does not fit in memory with these sizes "
+                         f"({' '.join(str(err).split())[-120:]}); reduce them") from None
     if enabled is not None:
         if not hasattr(model, "set_memory_enabled"):
             raise ValueError(f"memory.enabled: model {name!r} has no memory switch")

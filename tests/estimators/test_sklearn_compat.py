@@ -50,8 +50,8 @@ def test_grid_search():
 CHECKED = {
     "AMRC": lambda: AMRC(hidden_size=4, random_state=0, bptt=8),
     "PMRC": lambda: PMRC(hidden_size=4, random_state=0, bptt=8),
-    "AMN": lambda: AMN(hidden_size=4, memory_manifold_size=8, random_state=0, bptt=8),
-    "SSMN": lambda: SparseStreamMemoryNetwork(hidden_dim=32, num_layers=2, window_size=32, random_state=0),
+    "AMN": lambda: AMN(hidden_size=4, memory_manifold_size=8, random_state=0),
+    "SSMN": lambda: SparseStreamMemoryNetwork(hidden_dim=32, num_layers=1, window_size=32, random_state=0),
     "LSTM": lambda: LSTMRegressor(hidden_size=4, random_state=0, bptt=8),
     "GRU": lambda: GRURegressor(hidden_size=4, random_state=0, bptt=8),
 }

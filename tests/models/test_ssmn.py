@@ -84,7 +84,7 @@ def test_plasticity_beats_no_plasticity_beyond_the_window():
     for eta in (0.5, 0.0):
         m = SparseStreamMemoryNetwork(hidden_dim=32, window_size=8, num_layers=2, plastic_ratio=0.5, num_heads=2,
                                       plasticity_eta=eta, decay_lambda=0.02, bptt=80, learning_rate=3e-3,
-                                      importance_gating=True, random_state=0).fit(X, y, epochs=10)
+                                      importance_gating=True, random_state=0).fit(X, y, epochs=20)
         p = m.predict(Xt, reset_memory=True)
         r2[eta] = 1 - np.mean((p[scored] - yt[scored]) ** 2) / np.var(yt[scored])
     assert r2[0.5] > 0.5 and r2[0.0] < 0.1, r2

@@ -145,7 +145,7 @@ def _quality(c) -> list[dict[str, Any]]:
     small = {"hidden_dim": 16, "num_layers": 2, "window_size": 16} if c.get("small") else {}
     Xtr, ytr, Xte, yte = noisy_sine(seed=0)
     model = SparseStreamMemoryNetwork(random_state=0, **small).fit(Xtr, ytr, epochs=c["sine_epochs"])
-    rows = [{"task": "noisy sine", "variant": "seed defaults" if not small else "small", "epochs": c["sine_epochs"],
+    rows = [{"kind": "quality", "task": "noisy sine", "variant": "seed defaults" if not small else "small", "epochs": c["sine_epochs"],
              "r2": r2(yte, model.predict(Xte)), "baseline": "last value", "baseline_r2": r2(yte, Xte[:, -1])}]
     X, y, _ = delayed_recall(c["episodes"], 40, min_delay=16, seed=0)
     Xt, yt, scored = delayed_recall(c["test_episodes"], 40, min_delay=16, seed=1)
@@ -153,7 +153,7 @@ def _quality(c) -> list[dict[str, Any]]:
         model = SparseStreamMemoryNetwork(random_state=0, **RECALL, **kwargs).fit(X, y, epochs=c["epochs"])
         pred = model.predict(Xt, reset_memory=True)
         # R^2 0 = predicting the held values' mean; the eta-0 row is what attention alone reaches
-        rows.append({"task": "delayed recall (16-39 steps, window 8)", "variant": variant, "epochs": c["epochs"],
+        rows.append({"kind": "quality", "task": "delayed recall (16-39 steps, window 8)", "variant": variant, "epochs": c["epochs"],
                      "r2": r2(yt[scored], pred[scored])})
     return rows
 

@@ -18,6 +18,7 @@ from torch import nn
 from mnnn.estimators._sklearn import BaseEstimator, RegressorMixin, check_is_fitted
 from mnnn.serialization import load_pickled, load_tensors, save_pickled, save_tensors
 from mnnn.training.loop import train_epochs
+from mnnn.validation import check_real
 
 _METRICS = ("r2", "mse", "mae")
 _SAVE_METHODS = ("custom", "joblib", "pickle")
@@ -64,6 +65,20 @@ def _output_dtype(X: Any) -> type:
     """float32 for float32 input (arrays and tensors), float64 for anything else."""
     dtype = X.dtype if isinstance(X, (np.ndarray, torch.Tensor)) else np.asarray(X).dtype
     return np.float32 if dtype in (np.float32, torch.float32) else np.float64
+
+
+def _check_sample_weight(sample_weight: Any, n: int) -> np.ndarray:
+    """Finite, non-negative weights, one per row, not all zero."""
+    try:
+        w = np.asarray(sample_weight, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"sample_weight must be numbers, got {sample_weight!r:.60}") from err
+    if w.shape != (n,):
+        raise ValueError(f"sample_weight must have shape ({n},), got {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() == 0:
+        raise ValueError("sample_weight must be finite and >= 0 with a positive sum, got "
+                         f"{'NaN or infinity' if not np.isfinite(w).all() else 'negative or all-zero weights'}")
+    return w
 
 
 def expected_failed_checks(estimator: Any) -> dict[str, str]:
@@ -155,8 +170,10 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        check_real("learning_rate", self.learning_rate, 0.0, open_low=True)
+        if self.grad_clip is not None:
+            check_real("grad_clip", self.grad_clip, 0.0, open_low=True)  # None switches clipping off
+        check_real("weight_decay", self.weight_decay, 0.0)
 
     # ---- fitting ------------------------------------------------------------------------------
     def _check_y(self, y: Any, n_rows: int) -> tuple[np.ndarray, bool]:
@@ -315,7 +332,12 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
             self._memory = self.network_.init_state(1)
         self.network_.eval()
         with torch.no_grad():
-            pred, self._memory = self.network_(torch.from_numpy(X).to(self.device)[None], self._memory)
+            pred, state = self.network_(torch.from_numpy(X).to(self.device)[None], self._memory)
+        if not torch.isfinite(pred).all() or not all(torch.isfinite(t).all() for t in state.tensors().values()):
+            # e.g. one huge finite input overflowing float32 inside the network: keep the memory as it was
+            raise ValueError("the prediction or the memory became NaN or infinite on this X (values too large for "
+                             f"float32? max |X| = {float(np.abs(X).max()):.3g}); the memory is unchanged")
+        self._memory = state
         # float64 input (NumPy's default, lists) gives float64 predictions, as scikit-learn's
         # regressors do; float32 input stays float32. A fresh array: it never aliases the state.
         out = pred[0].cpu().numpy().astype(_output_dtype(X_in))
@@ -330,7 +352,7 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
         pred = self.predict(X)
         Y = self._check_y(y, len(pred))[0].astype(np.float64)
         P = np.asarray(pred, dtype=np.float64).reshape(Y.shape)
-        w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        w = None if sample_weight is None else _check_sample_weight(sample_weight, len(Y))
         if metric == "mse":
             return float(np.average(np.mean((P - Y) ** 2, axis=1), weights=w))
         if metric == "mae":

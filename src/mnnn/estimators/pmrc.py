@@ -8,6 +8,7 @@ import torch
 from mnnn.estimators._sklearn import check_is_fitted
 from mnnn.estimators.amrc import AMRC, _check_unit
 from mnnn.models.pmrc import PMRCNetwork
+from mnnn.validation import check_real
 
 
 class PMRC(AMRC):
@@ -116,8 +117,7 @@ class PMRC(AMRC):
     def freeze_by_magnitude(self, threshold: float, freeze_large: bool = True) -> None:
         """Freeze every weight with ``|w| > threshold`` (``freeze_large``) or ``|w| < threshold``."""
         check_is_fitted(self, "network_")
-        if not isinstance(threshold, (int, float)) or threshold < 0:
-            raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
+        check_real("threshold", threshold, 0.0)
         for name, p in self.network_.named_parameters():
             mag = p.detach().abs()
             self._freeze(name, mag > threshold if freeze_large else mag < threshold)

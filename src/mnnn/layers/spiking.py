@@ -41,9 +41,12 @@ class SpikingLayer(nn.Module):
     def __init__(self, in_features: int, out_features: int, memory: Memory | None = None,
                  beta: float = 0.95, threshold: float = 1.0, spike_grad: str = "fast_sigmoid",
                  reset: Literal["subtract", "zero"] = "subtract", memory_top_k: int = 5,
-                 init_hidden: bool = False):
+                 init_hidden: bool = False, check_finite: bool = True):
         super().__init__()
         self.init_hidden = bool(init_hidden)
+        # refuse NaN/inf input (a NaN membrane never spikes again); a model whose trainer handles
+        # non-finite losses itself turns it off (one reduction less per call)
+        self.check_finite = bool(check_finite)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta!r}")
         if not threshold > 0:
@@ -98,6 +101,8 @@ class SpikingLayer(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.in_features:
             raise ValueError(f"expected x of shape [B, T, {self.in_features}] or [B, {self.in_features}], "
                              f"got {tuple(x.shape)}")
+        if self.check_finite and not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or infinity: a membrane fed NaN never spikes and stays NaN")
         keep = state is None and self.init_hidden
         if state is None:
             hidden = self._hidden if keep else None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnnn.memory.quantize import bytes_per_row, dequantize_rows, quantize_rows
+from mnnn.validation import check_int, check_real
 
 
 class MemoryRead(NamedTuple):
@@ -112,9 +113,10 @@ class Memory(nn.Module):
                     f"({dist.get_world_size()}/{dist.get_rank()})"
                 )
         self.embedding_dim, self.compressed_dim = embedding_dim, compressed_dim
-        self.value_dim = value_dim or embedding_dim
+        self.value_dim = embedding_dim if value_dim is None else check_int("value_dim", value_dim)
         self.max_size, self.growth_factor = max_size, float(growth_factor)
-        self.prune_threshold, self.compression_interval = float(prune_threshold), compression_interval
+        self.prune_threshold = check_real("prune_threshold", prune_threshold, 0.0)
+        self.compression_interval = compression_interval
         self.num_streams, self.optimize_memory = num_streams, optimize_memory
         self.distributed, self.world_size, self.rank = distributed, world_size, rank
         self.bits = quantization_bits if quantize else None
@@ -242,6 +244,11 @@ class Memory(nn.Module):
                 raise TypeError("this memory stores " + ("integer" if self._values_are_int() else "float")
                                 + f" values; got {y.dtype}")
         ids = int(self.writes) + torch.arange(x.shape[0], device=x.device)  # global write numbers
+        if group is not None:
+            g = torch.as_tensor(group)
+            if (g.dtype.is_floating_point or g.dtype.is_complex or g.dtype == torch.bool
+                    or g.numel() not in (1, x.shape[0])):
+                raise ValueError(f"group must be an int or {x.shape[0]} integer ids, got {group!r:.60}")
         groups = torch.full_like(ids, -1) if group is None else torch.as_tensor(group, device=x.device).long().expand_as(ids)
         self.writes += x.shape[0]
         if self.distributed:

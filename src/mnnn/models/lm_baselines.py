@@ -11,6 +11,7 @@ from torch import nn
 
 from mnnn.models.token_lm import TokenLM
 from mnnn.state import TensorState
+from mnnn.validation import check_int
 
 
 @dataclasses.dataclass
@@ -24,6 +25,11 @@ class TransformerLM(TokenLM):
     def __init__(self, vocab_size: int, d_model: int = 256, num_layers: int = 2, num_heads: int = 4,
                  max_len: int = 512):
         super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("d_model", d_model), ("num_layers", num_layers),
+                            ("num_heads", num_heads), ("max_len", max_len)):
+            check_int(name, value)
+        if d_model % num_heads:
+            raise ValueError(f"d_model must be divisible by num_heads, got d_model={d_model}, num_heads={num_heads}")
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.pos = nn.Embedding(max_len, d_model)
@@ -106,6 +112,9 @@ class LSTMLM(TokenLM):
 
     def __init__(self, vocab_size: int, embed_dim: int = 256, hidden_dim: int = 512, num_layers: int = 1):
         super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("embed_dim", embed_dim), ("hidden_dim", hidden_dim),
+                            ("num_layers", num_layers)):
+            check_int(name, value)
         self.embed = nn.Embedding(vocab_size, embed_dim)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True)

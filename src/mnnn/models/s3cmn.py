@@ -31,6 +31,7 @@ from mnnn.memory.episodic import Memory
 from mnnn.memory.output_cache import CacheState, OutputMemory
 from mnnn.models.token_lm import TokenLM
 from mnnn.state import TensorState
+from mnnn.validation import check_bool, check_int, check_real
 
 
 @dataclasses.dataclass
@@ -58,11 +59,16 @@ class S3CMNConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "embedding_dim", "hidden_dim", "num_layers", "memory_size", "d_state",
                      "max_len", "memory_top_k", "memory_interval", "memory_compressed_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name))
         if self.memory_fusion not in ("output", "membrane", "both"):
             raise ValueError(f"memory_fusion must be 'output', 'membrane' or 'both', got {self.memory_fusion!r}")
+        check_bool("use_memory", self.use_memory)
+        check_bool("memory_quantize", self.memory_quantize)
+        check_real("memory_similarity_threshold", self.memory_similarity_threshold, -1.0, 1.0)
+        check_real("memory_theta", self.memory_theta, 0.0, open_low=True)
+        check_real("memory_lambda", self.memory_lambda, 0.0, 1.0, open_low=True, open_high=True)
+        check_real("beta", self.beta, 0.0, 1.0)
+        check_real("threshold", self.threshold, 0.0, open_low=True)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "S3CMNConfig":
@@ -95,7 +101,9 @@ class S3CMNBlock(nn.Module):
         self.ssm = S4D(H, cfg.d_state)
         self.ssm_out = nn.Linear(H, H)
         self.ln_spk = nn.LayerNorm(H)
-        self.spiking = SpikingLayer(H, H, beta=cfg.beta, threshold=cfg.threshold, spike_grad=cfg.spike_grad)
+        # non-finite values are the trainer's to catch (it skips the step and keeps the last good state)
+        self.spiking = SpikingLayer(H, H, beta=cfg.beta, threshold=cfg.threshold, spike_grad=cfg.spike_grad,
+                                    check_finite=False)
         self.spk_out = nn.Linear(H, H)
         self.memory = None
         if cfg.use_memory and cfg.memory_fusion in ("membrane", "both"):

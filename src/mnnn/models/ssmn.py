@@ -23,6 +23,7 @@ from mnnn.models.token_lm import TokenLM
 from mnnn.sampling import check_sampling, sample_token
 from mnnn.ops.window_attention import WindowCache
 from mnnn.state import TensorState
+from mnnn.validation import check_int, check_real
 
 
 @dataclasses.dataclass
@@ -257,9 +258,14 @@ class TextNativeSSMN(TextNativeSSMNNetwork):
                  plastic_ratio: float = 0.2, num_heads: int = 4, reread_iterations: int = 1,
                  plasticity_rule: str = "hebbian"):
         for name, value in (("vocab_size", vocab_size), ("embed_dim", embed_dim), ("hidden_dim", hidden_dim),
-                            ("window_size", window_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                            ("window_size", window_size), ("num_layers", num_layers), ("num_heads", num_heads)):
+            check_int(name, value)
+        check_int("reread_iterations", reread_iterations, 0)
+        check_real("plasticity_eta", plasticity_eta, 0.0)
+        check_real("decay_lambda", decay_lambda, 0.0, 1.0)
+        if hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim must be divisible by num_heads, got hidden_dim={hidden_dim}, "
+                             f"num_heads={num_heads}")
         super().__init__(vocab_size, embed_dim, hidden_dim, window_size, plasticity_eta, decay_lambda,
                          num_layers, plastic_ratio, num_heads, reread_iterations, plasticity_rule)
         self.config = dict(vocab_size=vocab_size, embed_dim=embed_dim, hidden_dim=hidden_dim,
@@ -276,6 +282,9 @@ class TextNativeSSMN(TextNativeSSMNNetwork):
             if t.dtype.is_floating_point and not torch.isfinite(t).all():
                 raise ValueError(f"{name} contains NaN or infinity; expected integer token ids")
             raise TypeError(f"{name} must be integer token ids, got dtype {t.dtype}")
+        if t.dim() > 1 and not (t.dim() == 2 and t.shape[0] == 1):
+            raise ValueError(f"{name} must be one sequence of token ids (a list, 1-D array or [1, T] tensor), "
+                             f"got shape {tuple(t.shape)}; run one prompt per call")
         t = t.long().reshape(-1)
         if int(t.min()) < 0 or int(t.max()) >= self.vocab_size:
             raise ValueError(f"{name} must be in [0, {self.vocab_size}), got min {int(t.min())}, max {int(t.max())}")
