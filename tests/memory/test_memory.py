@@ -225,6 +225,13 @@ def test_pca_refit_every_compression_interval():
     torch.testing.assert_close(rows @ basis @ basis.T, rows, atol=1e-4, rtol=1e-4)
 
 
+def test_compression_interval_refits_only_when_asked():
+    m = Memory(64, 16, compressed_dim=3, quantize=False, compression_interval=5)  # pca_refit False
+    before = m.proj.weight.clone()
+    m.add_to_memory(torch.randn(30, 16), torch.randn(30, 16))
+    assert torch.equal(m.proj.weight, before)  # the learned projection is left to the optimizer
+
+
 def test_groups_isolate_streams():
     m = Memory(16, 4, compressed_dim=4, quantize=False, value_dim=1)
     keys = torch.randn(6, 4)

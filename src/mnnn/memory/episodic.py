@@ -39,6 +39,11 @@ class Memory(nn.Module):
     The top-k search runs on a cache of compressed keys :math:`P k_i` (refreshed when ``P`` changes);
     the k selected scores are recomputed with autograd so that gradients reach ``q`` and ``P``.
 
+    Compression: ``P`` is learned by the loss that reads the memory. The seed's "adaptive
+    compression" (``P`` refitted to the stored keys' principal directions every
+    ``compression_interval`` writes) runs only with ``pca_refit=True``: by default it is off,
+    because refitting a projection that the optimizer is training would replace what it learned.
+
     Capacity: starts at ``initial_size``; when full it grows by ``growth_factor`` up to ``max_size``
     (``None``: unbounded). At ``max_size``, ``eviction='lru'`` (the default) drops the entries
     least recently written or read (a read counts for the entries it gives positive weight), so
