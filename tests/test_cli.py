@@ -65,7 +65,8 @@ def test_bench_ssmn_toy(tmp_path):
     assert kinds == {"quality", "kernel", "standard_epoch", "generate_sequence", "text_generation"}
     assert payload["check"]["passed"] and payload["check"]["max_err"]["standard_step_vs_forward"] < 1e-4
     variants = {r["variant"] for r in payload["results"] if r.get("task", "").startswith("delayed recall")}
-    assert variants == {"hebbian, importance-gated", "hebbian, ungated", "delta rule", "no plasticity (eta 0)"}
+    assert variants == {"hebbian, importance-gated", "hebbian, ungated", "delta rule (default)", "gated delta rule",
+                        "delta rule checkpoint, writes off (eta 0)", "no plasticity (eta 0)"}
     (seed_row,) = [r for r in payload["results"] if r["kind"] == "generate_sequence"]
     assert seed_row["tokens_per_s"] > 0 and seed_row["baseline_tokens_per_s"] > 0
     assert all(r["max_rel_err"] < 1e-4 for r in payload["results"] if r["kind"] == "kernel")
@@ -84,7 +85,10 @@ def test_bench_lm_toy(tmp_path):
         on, off = rows[f"{name} (memory on)"], rows[f"{name} (memory off)"]
         assert on["steps"] == off["steps"] and on["valid_ppl"] != off["valid_ppl"]  # one checkpoint, a switch
         assert 0 <= on["memory_hit_rate_chance"] <= 1 and 0 < on["mean_lambda"] < 1
-    assert {"transformer", "lstm", "text_native_ssmn"} <= set(rows)
+    assert {"transformer", "lstm"} <= set(rows)
+    for name in ("text_native_ssmn", "text_native_ssmn (hebbian)"):  # fast weights switched on one checkpoint
+        on, off = rows[f"{name} (fast weights on)"], rows[f"{name} (fast weights off)"]
+        assert on["steps"] == off["steps"] and on["valid_ppl"] != off["valid_ppl"]
 
 
 def test_bench_lm_check_fails_on_a_future_leak(tmp_path, monkeypatch, capsys):

@@ -138,6 +138,44 @@ def test_delta_rule_memory_reaches_beyond_the_window_and_reports_statistics():
         assert net.synaptic_update_magnitude > 0
 
 
+@pytest.mark.parametrize("rule", ["delta", "gated_delta"])
+def test_eta_zero_switches_the_delta_memory_off_on_one_model(rule):
+    """``set_plasticity(0, lam)`` is the on/off switch of the fast weights under every rule: with
+    the delta rules it stops every write (the learned beta is not consulted), so a token outside
+    the attention window no longer reaches later outputs, the carried fast weights come back
+    unchanged, and the step path still equals the parallel forward."""
+    net = _tiny_text(plasticity_rule=rule).double()
+    tok = torch.randint(0, 50, (1, 31), generator=torch.Generator().manual_seed(0))
+    tok2 = tok.clone()
+    tok2[0, 0] = (tok2[0, 0] + 1) % 50
+    with torch.no_grad():
+        _, warm = net(tok)  # fast weights that hold something
+        net.core.set_plasticity(0.0, 0.1)
+        a, st = net(tok, warm)
+        b, _ = net(tok2, warm)
+        assert torch.equal(st.synaptic, warm.synaptic)
+        assert torch.equal(a[0, 30], b[0, 30])  # token 0 is 30 steps back, window 4: no path left
+    torch.testing.assert_close(step_through(net, tok, warm)[0], a, rtol=1e-10, atol=1e-10)
+    net.core.set_plasticity(0.5, 0.1)
+    with torch.no_grad():
+        a, _ = net(tok, warm)
+        b, _ = net(tok2, warm)
+    assert (a[0, 30] - b[0, 30]).abs().max() > 1e-9  # float64: off gives exactly 0
+
+
+def test_default_rule_is_delta_and_hebbian_only_modules_are_not_built():
+    """The delta rule wins the recall measurements (README, SSMN section), so it is the default of
+    both networks and the estimator; the Hebbian rule's gates and re-read map exist only there."""
+    import inspect
+
+    for cls in (SSMNNetwork, TextNativeSSMN, SparseStreamMemoryNetwork):
+        assert inspect.signature(cls).parameters["plasticity_rule"].default == "delta"
+    syn = _tiny_text().core.synaptic_layers()[0]
+    assert syn.rule == "delta" and syn.gate is None and syn.reread is None
+    syn = _tiny_text(plasticity_rule="hebbian").core.synaptic_layers()[0]
+    assert syn.gate is not None and syn.reread is not None
+
+
 def test_bad_plasticity_rule():
     with pytest.raises(ValueError, match="plasticity_rule must be"):
         _tiny_text(plasticity_rule="oja")

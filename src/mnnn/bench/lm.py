@@ -46,8 +46,12 @@ def build_models(c: dict[str, Any]) -> dict[str, Any]:
             TransformerLM(30522, d_model=E, num_layers=3, num_heads=4, max_len=512), **mem),
         "lstm": lambda: LSTMLM(30522, embed_dim=E, hidden_dim=int(1.25 * H)),
         "lstm + memory": lambda: OutputMemoryLM(LSTMLM(30522, embed_dim=E, hidden_dim=int(1.25 * H)), **mem),
+        # the default plasticity rule (delta) and the seed's Hebbian rule on one architecture
         "text_native_ssmn": lambda: TextNativeSSMN(30522, embed_dim=E, hidden_dim=H, window_size=128,
                                                    num_layers=3, plastic_ratio=0.34, num_heads=4),
+        "text_native_ssmn (hebbian)": lambda: TextNativeSSMN(30522, embed_dim=E, hidden_dim=H, window_size=128,
+                                                             num_layers=3, plastic_ratio=0.34, num_heads=4,
+                                                             plasticity_rule="hebbian"),
     }
 
 
@@ -125,6 +129,14 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         rows.append(row)
         if memory:  # the same checkpoint with the memory switched off (same pass: exact)
             rows.append({"model": name + " (memory off)", **base, "valid_ppl": ev["ppl_no_memory"]})
+        if isinstance(model, TextNativeSSMN):  # the same checkpoint, fast-weight writes switched off
+            syn = model.core.synaptic_layers()[0]
+            eta, lam = syn.eta, syn.lam
+            model.core.set_plasticity(0.0, lam)
+            off = evaluate_lm(model, valid, batch_size=c["batch_size"], seq_len=c["seq_len"])
+            model.core.set_plasticity(eta, lam)
+            rows[-1]["model"] = name + " (fast weights on)"
+            rows.append({"model": name + " (fast weights off)", **base, "valid_ppl": off["ppl"]})
         curves[name] = hist["loss"]
     payload = {"suite": "lm", "preset": preset, "results": rows, "valid_tokens": len(valid), "check": check,
                **provenance(c)}

@@ -4,8 +4,9 @@ Quality (test R^2): the Standard SSMN at the seed's defaults on the noisy sine (
 last-value baseline), and delayed recall beyond the attention window
 (:func:`mnnn.data.synthetic.delayed_recall`: a value shown once must be reported 16-39 steps
 later, window 8 and 2 blocks, so attention alone reaches 14 steps back) with the Hebbian rule
-(importance-gated and ungated), the delta rule, and no plasticity (eta 0): one switch on the same
-architecture, trained the same way.
+(importance-gated and ungated), the delta rule (the default) and the gated delta rule, and no
+plasticity (eta 0): one switch on the same architecture, trained the same way; and the delta
+rule's trained checkpoint read again with its writes switched off (eta 0).
 
 Speed: Standard SSMN epoch time at the seed's defaults, Text-Native ``generate_sequence`` at the
 seed's sizes (against the copying step path it replaced), step-path generation speed vs context
@@ -54,10 +55,11 @@ PRESETS = {
 RECALL = {"hidden_dim": 32, "window_size": 8, "num_layers": 2, "plastic_ratio": 0.5, "num_heads": 2,
           "decay_lambda": 0.02, "bptt": 80, "learning_rate": 3e-3}
 RECALL_VARIANTS = {
-    "hebbian, importance-gated": {"plasticity_eta": 0.5, "importance_gating": True},
-    "hebbian, ungated": {"plasticity_eta": 0.5},
-    "delta rule": {"plasticity_rule": "delta"},
-    "no plasticity (eta 0)": {"plasticity_eta": 0.0, "importance_gating": True},
+    "hebbian, importance-gated": {"plasticity_rule": "hebbian", "plasticity_eta": 0.5, "importance_gating": True},
+    "hebbian, ungated": {"plasticity_rule": "hebbian", "plasticity_eta": 0.5},
+    "delta rule (default)": {"plasticity_rule": "delta"},
+    "gated delta rule": {"plasticity_rule": "gated_delta"},
+    "no plasticity (eta 0)": {"plasticity_eta": 0.0},
 }
 
 
@@ -145,7 +147,7 @@ def _quality(c) -> list[dict[str, Any]]:
     small = {"hidden_dim": 16, "num_layers": 2, "window_size": 16} if c.get("small") else {}
     Xtr, ytr, Xte, yte = noisy_sine(seed=0)
     model = SparseStreamMemoryNetwork(random_state=0, **small).fit(Xtr, ytr, epochs=c["sine_epochs"])
-    rows = [{"kind": "quality", "task": "noisy sine", "variant": "seed defaults" if not small else "small", "epochs": c["sine_epochs"],
+    rows = [{"kind": "quality", "task": "noisy sine", "variant": "seed sizes, delta rule (default)" if not small else "small", "epochs": c["sine_epochs"],
              "r2": r2(yte, model.predict(Xte)), "baseline": "last value", "baseline_r2": r2(yte, Xte[:, -1])}]
     X, y, _ = delayed_recall(c["episodes"], 40, min_delay=16, seed=0)
     Xt, yt, scored = delayed_recall(c["test_episodes"], 40, min_delay=16, seed=1)
@@ -155,6 +157,12 @@ def _quality(c) -> list[dict[str, Any]]:
         # R^2 0 = predicting the held values' mean; the eta-0 row is what attention alone reaches
         rows.append({"kind": "quality", "task": "delayed recall (16-39 steps, window 8)", "variant": variant, "epochs": c["epochs"],
                      "r2": r2(yt[scored], pred[scored])})
+        if variant.startswith("delta rule"):  # the same checkpoint with its fast-weight writes switched off
+            model.set_params(plasticity_eta=0.0)
+            pred = model.predict(Xt, reset_memory=True)
+            rows.append({"kind": "quality", "task": "delayed recall (16-39 steps, window 8)",
+                         "variant": "delta rule checkpoint, writes off (eta 0)", "epochs": c["epochs"],
+                         "r2": r2(yt[scored], pred[scored])})
     return rows
 
 

@@ -18,9 +18,10 @@ from mnnn.models.s3cmn import S3CMN
 from mnnn.models.ssmn import TextNativeSSMN
 
 MODELS = ("transformer", "lstm", "s3cmn", "text_native_ssmn")
-# the Text-Native SSMN with the delta / gated delta rule (issue 13); accepted by build(), not in
-# the default grids
-RULE_MODELS = {"text_native_ssmn": "hebbian", "text_native_ssmn_delta": "delta",
+# the Text-Native SSMN by plasticity rule: "text_native_ssmn" is the default rule (delta; it was
+# the Hebbian rule in tables before that default changed, which their git revision tells), the
+# others name their rule; accepted by build(), the by-steps MQAR presets compare them
+RULE_MODELS = {"text_native_ssmn": "delta", "text_native_ssmn_hebbian": "hebbian",
                "text_native_ssmn_gated_delta": "gated_delta"}
 
 
@@ -81,21 +82,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 25
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch: int, lr: float,
           progress: Callable | None = None, seed: int = 0, time_budget_s: float | None = None,
-          weight_decay: float = 0.1) -> dict:
+          weight_decay: float = 0.1, max_steps: int | None = None) -> dict:
     """AdamW, linear warm-up over the first 10 % then cosine decay to 0, loss only where
     ``y != -100``. Runs ``epochs`` passes, or stops at ``time_budget_s`` seconds if that comes
     first; the schedule follows whichever is further along (step fraction or time fraction), so a
-    budgeted run still anneals. Returns steps done, seconds, per-step losses and what stopped it."""
+    budgeted run still anneals. ``max_steps`` caps the steps (the schedule spans the cap). Returns steps done, seconds, per-step losses and what stopped it."""
     g = torch.Generator().manual_seed(seed)
     per_epoch = max(1, len(x) // batch)
-    steps = epochs * per_epoch
+    steps = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     start, losses, step = time.perf_counter(), [], 0
     stopped_by = "steps"
     model.train()
     while step < steps:
         if step % per_epoch == 0:
-            order = torch.randperm(len(x), generator=g)
+            order = torch.randperm(len(x), generator=g).to(x.device)
         elapsed = time.perf_counter() - start
         if time_budget_s is not None and elapsed >= time_budget_s:
             stopped_by = "time_budget"

@@ -227,11 +227,12 @@ class TextNativeSSMNStep(StepGraph):
                     convs.append(raw[:, 1:])
                     qh, kh, vh = mixed.view(B, 3, H, K).unbind(1)
                     qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
-                    beta = torch.sigmoid(syn.beta(xs))
-                    if syn.alpha is not None:
-                        S = torch.sigmoid(syn.alpha(xs))[..., None, None] * S
-                    retrieved = torch.einsum("bhk,bhkv->bhv", kh, S)
-                    S = S + beta[..., None, None] * kh[..., :, None] * (vh - retrieved)[..., None, :]
+                    if syn.eta != 0:  # eta 0 is the memory switch: no writes
+                        beta = torch.sigmoid(syn.beta(xs))
+                        if syn.alpha is not None:
+                            S = torch.sigmoid(syn.alpha(xs))[..., None, None] * S
+                        retrieved = torch.einsum("bhk,bhkv->bhv", kh, S)
+                        S = S + beta[..., None, None] * kh[..., :, None] * (vh - retrieved)[..., None, :]
                     r = torch.einsum("bhk,bhkv->bhv", qh, S)  # write, then read
                 syns.append(S)
                 x = x + syn.out(r.flatten(1))

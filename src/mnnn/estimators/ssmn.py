@@ -17,15 +17,17 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
     Args:
         input_dim, hidden_dim, output_dim: sizes (``None``: from the data at the first fit).
         window_size: attention window (rows).
-        plasticity_eta, decay_lambda: fast-weight write rate and decay; ``plasticity_eta=0``
-            switches the synaptic memory off.
+        plasticity_eta, decay_lambda: the Hebbian rule's fast-weight write rate and decay;
+            ``plasticity_eta=0`` switches the synaptic memory's writes off under every rule (the
+            delta rules learn their write strength and decay, so there only 0 vs > 0 matters).
         num_layers, plastic_ratio: blocks, and the plastic fraction (0.2: the seed's 80/20 split;
             any ratio gives the seed's "custom SSMN").
         num_heads: attention and synaptic heads.
         importance_gating: learned write gates g_t (Text-Native SSMN has them; the seed's Standard
             SSMN writes at every step, the default here too).
-        plasticity_rule: 'hebbian' (the seed's rule, default), 'delta' or 'gated_delta' (the
-            error-correcting delta rule; see :class:`mnnn.layers.synaptic.SynapticMemory`).
+        plasticity_rule: 'delta' (default: the error-correcting delta rule, which wins every
+            recall measurement in the README), 'gated_delta', or 'hebbian' (the seed's rule);
+            see :class:`mnnn.layers.synaptic.SynapticMemory`.
         learning_rate, bptt, weight_decay, grad_clip, warm_start, random_state, device: as in
             :class:`mnnn.AMRC`.
     """
@@ -37,7 +39,7 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
 
     def __init__(self, input_dim=None, hidden_dim=256, output_dim=None, window_size=512, plasticity_eta=0.01,
                  decay_lambda=0.001, num_layers=5, plastic_ratio=0.2, num_heads=4, importance_gating=False,
-                 plasticity_rule="hebbian", learning_rate=1e-3,
+                 plasticity_rule="delta", learning_rate=1e-3,
                  bptt=128, weight_decay=0.0, grad_clip=1.0, warm_start=True, random_state=None, device="cpu"):
         self.input_dim = input_dim
         self.hidden_dim = hidden_dim

@@ -31,8 +31,9 @@ class SynapticMemory(nn.Module):
     pass a causal depthwise convolution of ``conv_size`` steps (each key sees the previous
     tokens) and SiLU, q and k are L2-normalised per head, the write strength
     ``beta_t = sigmoid(w_b x_t)`` and (gated) the decay ``alpha_t = sigmoid(w_a x_t + b_a)`` are
-    learned; read after write, ``o_t = S_t^T q_t``. ``eta``, ``lam`` and ``reread_iterations``
-    belong to the Hebbian rule and are not used there. The state is ``(S, conv)``: the fast
+    learned; read after write, ``o_t = S_t^T q_t``. ``lam``, ``gated`` and ``reread_iterations``
+    belong to the Hebbian rule and are not used there; of ``eta`` only the switch is: ``eta = 0``
+    stops every write (the state is read as it is), any other value leaves the learned beta_t as it is. The state is ``(S, conv)``: the fast
     weights and the last ``conv_size - 1`` projected inputs (empty for Hebbian).
     """
 
@@ -52,8 +53,10 @@ class SynapticMemory(nn.Module):
         self.eta, self.lam = float(eta), float(lam)
         self.gated, self.reread_iterations, self.chunk_size = gated, reread_iterations, chunk_size
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.gate = nn.Linear(d_model, num_heads) if gated else None
-        self.reread = nn.Linear(self.head_dim, self.head_dim, bias=False) if reread_iterations else None
+        # importance gates and re-reads belong to the Hebbian rule (the delta rules learn beta_t)
+        hebbian = plasticity_rule == "hebbian"
+        self.gate = nn.Linear(d_model, num_heads) if gated and hebbian else None
+        self.reread = nn.Linear(self.head_dim, self.head_dim, bias=False) if reread_iterations and hebbian else None
         self.out = nn.Linear(d_model, d_model)
         if plasticity_rule != "hebbian":
             self.conv = nn.Parameter(torch.zeros(3 * d_model, conv_size))
@@ -86,6 +89,9 @@ class SynapticMemory(nn.Module):
     def _delta_forward(self, x: torch.Tensor, state):
         S, conv = state
         q, k, v, beta, alpha, conv = self._delta_inputs(x, conv)
+        if self.eta == 0:  # the memory switch: no writes; reads see the fast weights as they are
+            self._record_delta(S, S, beta.new_zeros(beta.shape[:1] + beta.shape[2:]))
+            return self.out(torch.einsum("bthk,bhkv->bthv", q, S).flatten(2)), (S, conv)
         T = x.shape[1]
         a = (lambda sl: None) if alpha is None else (lambda sl: alpha[:, sl])
         # the last step runs alone so that the statistics see the last update exactly

@@ -37,7 +37,7 @@ class SSMNState(TensorState):
 
 class SSMNBlock(nn.Module):
     def __init__(self, d_model: int, num_heads: int, window: int, plastic: bool, eta: float, lam: float,
-                 gated: bool, reread_iterations: int, plasticity_rule: str = "hebbian"):
+                 gated: bool, reread_iterations: int, plasticity_rule: str = "delta"):
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model)
         self.attn = WindowAttention(d_model, num_heads, window)
@@ -63,7 +63,7 @@ class SSMNCore(nn.Module):
 
     def __init__(self, d_model: int, num_layers: int, num_heads: int, window: int, eta: float, lam: float,
                  plastic_ratio: float, gated: bool = False, reread_iterations: int = 0,
-                 plasticity_rule: str = "hebbian"):
+                 plasticity_rule: str = "delta"):
         super().__init__()
         if plasticity_rule not in ("hebbian", "delta", "gated_delta"):
             raise ValueError(f"plasticity_rule must be 'hebbian', 'delta' or 'gated_delta', got {plasticity_rule!r}")
@@ -178,7 +178,7 @@ class SSMNNetwork(nn.Module):
     def __init__(self, input_dim: int, output_dim: int, hidden_dim: int = 256, window_size: int = 512,
                  plasticity_eta: float = 0.01, decay_lambda: float = 0.001, num_layers: int = 5,
                  plastic_ratio: float = 0.2, num_heads: int = 4, importance_gating: bool = False,
-                 plasticity_rule: str = "hebbian"):
+                 plasticity_rule: str = "delta"):
         super().__init__()
         self.inp = nn.Linear(input_dim, hidden_dim)
         self.core = SSMNCore(hidden_dim, num_layers, num_heads, window_size, plasticity_eta, decay_lambda,
@@ -209,7 +209,7 @@ class TextNativeSSMNNetwork(TokenLM):
     def __init__(self, vocab_size: int, embed_dim: int = 128, hidden_dim: int = 256, window_size: int = 512,
                  plasticity_eta: float = 0.01, decay_lambda: float = 0.001, num_layers: int = 5,
                  plastic_ratio: float = 0.2, num_heads: int = 4, reread_iterations: int = 1,
-                 plasticity_rule: str = "hebbian"):
+                 plasticity_rule: str = "delta"):
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, embed_dim)
@@ -256,7 +256,7 @@ class TextNativeSSMN(TextNativeSSMNNetwork):
     def __init__(self, vocab_size: int, embed_dim: int = 128, hidden_dim: int = 256, window_size: int = 512,
                  plasticity_eta: float = 0.01, decay_lambda: float = 0.001, num_layers: int = 5,
                  plastic_ratio: float = 0.2, num_heads: int = 4, reread_iterations: int = 1,
-                 plasticity_rule: str = "hebbian"):
+                 plasticity_rule: str = "delta"):
         for name, value in (("vocab_size", vocab_size), ("embed_dim", embed_dim), ("hidden_dim", hidden_dim),
                             ("window_size", window_size), ("num_layers", num_layers), ("num_heads", num_heads)):
             check_int(name, value)
