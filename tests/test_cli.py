@@ -65,8 +65,10 @@ def test_bench_ssmn_toy(tmp_path):
     assert kinds == {"quality", "kernel", "standard_epoch", "generate_sequence", "text_generation"}
     assert payload["check"]["passed"] and payload["check"]["max_err"]["standard_step_vs_forward"] < 1e-4
     variants = {r["variant"] for r in payload["results"] if r.get("task", "").startswith("delayed recall")}
-    assert variants == {"hebbian, importance-gated", "hebbian, ungated", "delta rule (default)", "gated delta rule",
-                        "delta rule checkpoint, writes off (eta 0)", "no plasticity (eta 0)"}
+    assert variants == {"hebbian, importance-gated", "hebbian, ungated", "delta rule", "gated delta rule (default)",
+                        "default's checkpoint, writes off (eta 0)", "no plasticity (eta 0)"}
+    sine = [r for r in payload["results"] if r.get("task") == "noisy sine"]
+    assert len(sine) == 3 and all(r["r2_min"] <= r["r2"] for r in sine)
     (seed_row,) = [r for r in payload["results"] if r["kind"] == "generate_sequence"]
     assert seed_row["tokens_per_s"] > 0 and seed_row["baseline_tokens_per_s"] > 0
     assert all(r["max_rel_err"] < 1e-4 for r in payload["results"] if r["kind"] == "kernel")

@@ -163,13 +163,15 @@ def test_eta_zero_switches_the_delta_memory_off_on_one_model(rule):
     assert (a[0, 30] - b[0, 30]).abs().max() > 1e-9  # float64: off gives exactly 0
 
 
-def test_default_rule_is_delta_and_hebbian_only_modules_are_not_built():
-    """The delta rule wins the recall measurements (README, SSMN section), so it is the default of
-    both networks and the estimator; the Hebbian rule's gates and re-read map exist only there."""
+def test_default_rules_and_hebbian_only_modules_are_not_built():
+    """The defaults are the rules that win each model's measurements (README, SSMN section): the
+    gated delta rule for the Standard SSMN, the delta rule for the Text-Native SSMN; the Hebbian
+    rule's gates and re-read map exist only under that rule."""
     import inspect
 
-    for cls in (SSMNNetwork, TextNativeSSMN, SparseStreamMemoryNetwork):
-        assert inspect.signature(cls).parameters["plasticity_rule"].default == "delta"
+    for cls, rule in ((SSMNNetwork, "gated_delta"), (SparseStreamMemoryNetwork, "gated_delta"),
+                      (TextNativeSSMN, "delta")):
+        assert inspect.signature(cls).parameters["plasticity_rule"].default == rule
     syn = _tiny_text().core.synaptic_layers()[0]
     assert syn.rule == "delta" and syn.gate is None and syn.reread is None
     syn = _tiny_text(plasticity_rule="hebbian").core.synaptic_layers()[0]

@@ -228,9 +228,9 @@ class TextNativeSSMNStep(StepGraph):
                     qh, kh, vh = mixed.view(B, 3, H, K).unbind(1)
                     qh, kh = F.normalize(qh, dim=-1), F.normalize(kh, dim=-1)
                     if syn.eta != 0:  # eta 0 is the memory switch: no writes
-                        beta = torch.sigmoid(syn.beta(xs))
-                        if syn.alpha is not None:
-                            S = torch.sigmoid(syn.alpha(xs))[..., None, None] * S
+                        beta, alpha = syn.gates(xs)
+                        if alpha is not None:
+                            S = alpha[..., None, None] * S
                         retrieved = torch.einsum("bhk,bhkv->bhv", kh, S)
                         S = S + beta[..., None, None] * kh[..., :, None] * (vh - retrieved)[..., None, :]
                     r = torch.einsum("bhk,bhkv->bhv", qh, S)  # write, then read

@@ -170,10 +170,15 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        check_real("learning_rate", self.learning_rate, 0.0, open_low=True)
+        # a step above 1e4 overflows AdamW's float32 arithmetic: refused rather than diverging
+        check_real("learning_rate", self.learning_rate, 0.0, 1e4, open_low=True)
         if self.grad_clip is not None:
             check_real("grad_clip", self.grad_clip, 0.0, open_low=True)  # None switches clipping off
-        check_real("weight_decay", self.weight_decay, 0.0)
+        check_real("weight_decay", self.weight_decay, 0.0, 1e4)
+        rs = self.random_state
+        if rs is not None and not isinstance(rs, np.random.RandomState) and (
+                not isinstance(rs, (int, np.integer)) or isinstance(rs, bool) or not 0 <= rs < 2**63):
+            raise ValueError(f"random_state must be None, a numpy RandomState or an int in [0, 2**63), got {rs!r}")
 
     # ---- fitting ------------------------------------------------------------------------------
     def _check_y(self, y: Any, n_rows: int) -> tuple[np.ndarray, bool]:
@@ -307,6 +312,12 @@ class SequenceEstimator(RegressorMixin, BaseEstimator):
         )
         self.history_ = {"train_loss": history.train_loss, "val_loss": history.val_loss}
         self.training_steps_ += history.steps
+        finite = all(bool(torch.isfinite(p).all()) for p in self.network_.parameters())
+        if not finite or (history.train_loss and not math.isfinite(history.train_loss[-1])):
+            raise ValueError(f"training diverged: {'the loss' if finite else 'the weights'} became NaN or infinite "
+                             f"within {history.steps} steps; lower learning_rate (got {self.learning_rate!r}) or "
+                             f"weight_decay (got {self.weight_decay!r}), or clip gradients (grad_clip, got "
+                             f"{self.grad_clip!r})")
         if history.train_loss:
             self.last_loss_ = history.train_loss[-1]
         # Carry the memory through the training rows, so predict continues where the data ends.

@@ -9,6 +9,7 @@ import numpy as np
 from mnnn.estimators._sklearn import check_is_fitted
 from mnnn.estimators.base import SequenceEstimator
 from mnnn.models.ssmn import SSMNNetwork, analyze_synaptic_state
+from mnnn.validation import check_bool, check_int, check_real
 
 
 class SparseStreamMemoryNetwork(SequenceEstimator):
@@ -25,9 +26,9 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
         num_heads: attention and synaptic heads.
         importance_gating: learned write gates g_t (Text-Native SSMN has them; the seed's Standard
             SSMN writes at every step, the default here too).
-        plasticity_rule: 'delta' (default: the error-correcting delta rule, which wins every
-            recall measurement in the README), 'gated_delta', or 'hebbian' (the seed's rule);
-            see :class:`mnnn.layers.synaptic.SynapticMemory`.
+        plasticity_rule: 'gated_delta' (default: the error-correcting delta rule with a learned
+            decay, which wins the Standard SSMN's measurements in ``mnnn bench ssmn``), 'delta',
+            or 'hebbian' (the seed's rule); see :class:`mnnn.layers.synaptic.SynapticMemory`.
         learning_rate, bptt, weight_decay, grad_clip, warm_start, random_state, device: as in
             :class:`mnnn.AMRC`.
     """
@@ -39,7 +40,7 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
 
     def __init__(self, input_dim=None, hidden_dim=256, output_dim=None, window_size=512, plasticity_eta=0.01,
                  decay_lambda=0.001, num_layers=5, plastic_ratio=0.2, num_heads=4, importance_gating=False,
-                 plasticity_rule="delta", learning_rate=1e-3,
+                 plasticity_rule="gated_delta", learning_rate=1e-3,
                  bptt=128, weight_decay=0.0, grad_clip=1.0, warm_start=True, random_state=None, device="cpu"):
         self.input_dim = input_dim
         self.hidden_dim = hidden_dim
@@ -64,12 +65,17 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
         super()._validate_params()
         if not isinstance(self.window_size, (int, np.integer)) or self.window_size < 1:
             raise ValueError(f"window_size must be a positive int, got {self.window_size!r}")
-        if not self.plasticity_eta >= 0:
-            raise ValueError(f"plasticity_eta must be >= 0, got {self.plasticity_eta!r}")
+        check_real("plasticity_eta", self.plasticity_eta, 0.0)
         if self.plasticity_rule not in ("hebbian", "delta", "gated_delta"):
             raise ValueError(f"plasticity_rule must be 'hebbian', 'delta' or 'gated_delta', got {self.plasticity_rule!r}")
-        if not 0 <= self.decay_lambda <= 1:
-            raise ValueError(f"decay_lambda must be in [0, 1], got {self.decay_lambda!r}")
+        check_real("decay_lambda", self.decay_lambda, 0.0, 1.0)
+        check_int("num_layers", self.num_layers)
+        check_int("num_heads", self.num_heads)
+        check_real("plastic_ratio", self.plastic_ratio, 0.0, 1.0)
+        check_bool("importance_gating", self.importance_gating)
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim must be divisible by num_heads, got hidden_dim={self.hidden_dim}, "
+                             f"num_heads={self.num_heads}")
 
     def _build(self, input_size, output_size):
         return SSMNNetwork(input_size, output_size, hidden_dim=self.hidden_dim, window_size=self.window_size,

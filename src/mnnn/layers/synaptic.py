@@ -10,6 +10,7 @@ from mnnn.ops.delta_rule import delta_rule, delta_rule_step
 from mnnn.ops.synaptic import synaptic_memory, synaptic_step
 
 RULES = ("hebbian", "delta", "gated_delta")
+GATE_FLOOR = 1e-6
 
 
 class SynapticMemory(nn.Module):
@@ -82,9 +83,15 @@ class SynapticMemory(nn.Module):
         mixed = F.silu((windows * self.conv).sum(-1))
         new_conv = raw[:, raw.shape[1] - (self.conv_size - 1):] if self.conv_size > 1 else conv_state
         q, k, v = mixed.view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        beta = torch.sigmoid(self.beta(x))
-        alpha = torch.sigmoid(self.alpha(x)) if self.alpha is not None else None
+        beta, alpha = self.gates(x)
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, beta, alpha, new_conv
+
+    def gates(self, x: torch.Tensor):
+        """beta_t in [1e-6, 1] and (gated) alpha_t in [1e-6, 1]: a sigmoid kept off 0, which
+        float32 reaches once a pre-activation passes ~ -104 and the delta-rule op refuses."""
+        beta = GATE_FLOOR + (1.0 - GATE_FLOOR) * torch.sigmoid(self.beta(x))
+        alpha = None if self.alpha is None else GATE_FLOOR + (1.0 - GATE_FLOOR) * torch.sigmoid(self.alpha(x))
+        return beta, alpha
 
     def _delta_forward(self, x: torch.Tensor, state):
         S, conv = state

@@ -97,9 +97,10 @@ class Memory(nn.Module):
         self.eviction = eviction
         for name, value in (("initial_size", initial_size), ("embedding_dim", embedding_dim),
                             ("compressed_dim", compressed_dim)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if max_size is not None and (not isinstance(max_size, int) or max_size < initial_size):
+        if max_size is not None and (not isinstance(max_size, int) or isinstance(max_size, bool)
+                                     or max_size < initial_size):
             raise ValueError(f"max_size must be None or an int >= initial_size ({initial_size}), got {max_size!r}")
         if not growth_factor > 1.0:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor!r}")
@@ -384,7 +385,7 @@ class Memory(nn.Module):
         """Top-k retrieval with attention; see the class docstring. ``top_k`` larger than the
         number of entries returns what exists. ``group [N]``: each query sees only entries of its
         group (rows with no such entry read zeros and count as misses)."""
-        if not isinstance(top_k, int) or top_k <= 0:
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0:
             raise ValueError(f"top_k must be a positive int, got {top_k!r}")
         query = self._check(query, "query", self.embedding_dim)
         if not query.is_floating_point():
