@@ -39,6 +39,7 @@ def build_models(c: dict[str, Any]) -> dict[str, Any]:
     s3 = dict(embedding_dim=E, hidden_dim=H, num_layers=2, memory_size=2048, d_state=32, max_len=256,
               memory_top_k=32)
     mem = dict(memory_size=2048, memory_top_k=32)
+    ssmn = dict(embed_dim=E, hidden_dim=H, window_size=128, num_layers=3, plastic_ratio=0.34, num_heads=4)
     return {
         "s3cmn": lambda: S3CMN(**s3),
         "transformer": lambda: TransformerLM(30522, d_model=E, num_layers=3, num_heads=4, max_len=512),
@@ -47,11 +48,8 @@ def build_models(c: dict[str, Any]) -> dict[str, Any]:
         "lstm": lambda: LSTMLM(30522, embed_dim=E, hidden_dim=int(1.25 * H)),
         "lstm + memory": lambda: OutputMemoryLM(LSTMLM(30522, embed_dim=E, hidden_dim=int(1.25 * H)), **mem),
         # the default plasticity rule (delta) and the seed's Hebbian rule on one architecture
-        "text_native_ssmn": lambda: TextNativeSSMN(30522, embed_dim=E, hidden_dim=H, window_size=128,
-                                                   num_layers=3, plastic_ratio=0.34, num_heads=4),
-        "text_native_ssmn (hebbian)": lambda: TextNativeSSMN(30522, embed_dim=E, hidden_dim=H, window_size=128,
-                                                             num_layers=3, plastic_ratio=0.34, num_heads=4,
-                                                             plasticity_rule="hebbian"),
+        "text_native_ssmn": lambda: TextNativeSSMN(30522, **ssmn),
+        "text_native_ssmn (hebbian)": lambda: TextNativeSSMN(30522, **ssmn, plasticity_rule="hebbian"),
     }
 
 

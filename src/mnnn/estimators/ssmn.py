@@ -72,10 +72,7 @@ class SparseStreamMemoryNetwork(SequenceEstimator):
         check_int("num_layers", self.num_layers)
         check_int("num_heads", self.num_heads)
         check_real("plastic_ratio", self.plastic_ratio, 0.0, 1.0)
-        check_bool("importance_gating", self.importance_gating)
-        if self.hidden_dim % self.num_heads:
-            raise ValueError(f"hidden_dim must be divisible by num_heads, got hidden_dim={self.hidden_dim}, "
-                             f"num_heads={self.num_heads}")
+        check_bool("importance_gating", self.importance_gating)  # hidden_dim vs num_heads: SSMNCore checks
 
     def _build(self, input_size, output_size):
         return SSMNNetwork(input_size, output_size, hidden_dim=self.hidden_dim, window_size=self.window_size,

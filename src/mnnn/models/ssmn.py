@@ -68,6 +68,10 @@ class SSMNCore(nn.Module):
         if plasticity_rule not in ("hebbian", "delta", "gated_delta"):
             raise ValueError(f"plasticity_rule must be 'hebbian', 'delta' or 'gated_delta', got {plasticity_rule!r}")
         self.plasticity_rule = plasticity_rule
+        check_int("num_heads", num_heads)
+        if d_model % num_heads:
+            raise ValueError(f"hidden_dim must be divisible by num_heads, got hidden_dim={d_model}, "
+                             f"num_heads={num_heads}")
         if not 0.0 <= plastic_ratio <= 1.0:
             raise ValueError(f"plastic_ratio must be in [0, 1], got {plastic_ratio!r}")
         n_plastic = round(num_layers * plastic_ratio)
@@ -267,9 +271,6 @@ class TextNativeSSMN(TextNativeSSMNNetwork):
         check_int("reread_iterations", reread_iterations, 0)
         check_real("plasticity_eta", plasticity_eta, 0.0)
         check_real("decay_lambda", decay_lambda, 0.0, 1.0)
-        if hidden_dim % num_heads:
-            raise ValueError(f"hidden_dim must be divisible by num_heads, got hidden_dim={hidden_dim}, "
-                             f"num_heads={num_heads}")
         super().__init__(vocab_size, embed_dim, hidden_dim, window_size, plasticity_eta, decay_lambda,
                          num_layers, plastic_ratio, num_heads, reread_iterations, plasticity_rule)
         self.config = dict(vocab_size=vocab_size, embed_dim=embed_dim, hidden_dim=hidden_dim,
