@@ -47,6 +47,7 @@ class Hyena(nn.Module):
         self.filter = nn.Sequential(nn.Linear(self.pos.shape[1], filter_order), nn.SiLU(),
                                     nn.Linear(filter_order, filter_order), nn.SiLU(),
                                     nn.Linear(filter_order, d_model))
+        self._filter_cache: tuple[tuple, torch.Tensor] | None = None
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -58,10 +59,22 @@ class Hyena(nn.Module):
         self.pos.copy_(torch.cat([t / max_len, torch.sin(t * freqs), torch.cos(t * freqs)], 1))
         self.alpha.copy_(torch.logspace(math.log10(3.0 / max_len), math.log10(0.3), self.d_model, device=device))
 
-    def long_filter(self) -> torch.Tensor:
-        """``[max_len, d_model]``."""
+    def long_filter(self, reversed_taps: bool = False) -> torch.Tensor:
+        """``[max_len, d_model]`` (``reversed_taps``: ``h_{L-1}, ..., h_0``, the order a step dots
+        with the history). Without autograd (evaluation, streaming) both are computed once and
+        reused until a parameter or buffer they depend on changes (an optimizer step,
+        ``load_state_dict`` and ``.to()`` all change the key: tensor versions and storages)."""
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+        if cacheable:
+            deps = (*self.filter.parameters(), self.pos, self.alpha)
+            key = tuple((t._version, t.data_ptr(), t.dtype) for t in deps)
+            if self._filter_cache is not None and self._filter_cache[0] == key:
+                return self._filter_cache[2 if reversed_taps else 1]
         t = torch.arange(self.max_len, device=self.alpha.device, dtype=self.alpha.dtype)[:, None]
-        return self.filter(self.pos) * torch.exp(-self.alpha[None] * t)
+        h = self.filter(self.pos) * torch.exp(-self.alpha[None] * t)
+        if cacheable:
+            self._filter_cache = (key, h, h.flip(0))
+        return h.flip(0) if reversed_taps else h
 
     def init_state(self, batch_size: int) -> HyenaState:
         w = self.out_proj.weight
@@ -72,9 +85,18 @@ class Hyena(nn.Module):
         """x ``[B, T, D]`` -> (y ``[B, T, D]``, state)."""
         state = self.init_state(x.shape[0]) if state is None else state
         p = torch.cat([state.short, self.in_proj(x)], dim=1)  # [B, K-1+T, 3D]
-        u = self.short(p.transpose(1, 2)).transpose(1, 2)  # valid conv: [B, T, 3D]
-        q, k, v = u.chunk(3, dim=-1)
-        z = k * v
-        y = q * long_conv_fft(z, self.long_filter(), state.long)
-        long_hist = torch.cat([state.long, z], dim=1)[:, -(self.max_len - 1):]
+        if x.shape[1] == 1:
+            # one step (streaming): both convolutions are dot products of their taps with the history
+            u = torch.einsum("bkc,ck->bc", p, self.short.weight[:, 0])[:, None] + self.short.bias
+            q, k, v = u.chunk(3, dim=-1)
+            z = k * v
+            window = torch.cat([state.long, z], dim=1)  # [B, max_len, D], oldest first
+            y = q * (window * self.long_filter(reversed_taps=True)).sum(1, keepdim=True)
+            long_hist = window[:, 1:]
+        else:
+            u = self.short(p.transpose(1, 2)).transpose(1, 2)  # valid conv: [B, T, 3D]
+            q, k, v = u.chunk(3, dim=-1)
+            z = k * v
+            y = q * long_conv_fft(z, self.long_filter(), state.long)
+            long_hist = torch.cat([state.long, z], dim=1)[:, -(self.max_len - 1):]
         return self.out_proj(y), HyenaState(short=p[:, -(self.short_kernel - 1):], long=long_hist)

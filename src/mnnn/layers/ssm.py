@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from mnnn.ops.ssm import discretize, s4d_fft
+from mnnn.ops.ssm import discretize, s4d_fft, s4d_naive
 
 
 class S4D(nn.Module):
@@ -34,4 +34,6 @@ class S4D(nn.Module):
     def forward(self, u: torch.Tensor, h0: torch.Tensor | None = None):
         C = torch.complex(self.C_re, self.C_im)
         Abar, Bbar, C = discretize(self.log_dt, self.A_re, self.A_im, torch.ones_like(C), C)
+        if u.shape[1] == 1:  # one step (streaming): the recurrence itself, no FFT
+            return s4d_naive(u, Abar, Bbar, C, self.D, h0)
         return s4d_fft(u, Abar, Bbar, C, self.D, h0)

@@ -217,9 +217,19 @@ class OutputMemory(nn.Module):
             a = self.gate(feats).squeeze(-1).to(dt)
             log_lam, log_1m = F.logsigmoid(a), F.logsigmoid(-a)
             if targets is None:
-                p_mem = torch.zeros_like(lp_lm).scatter_add_(-1, ids, w)
-                mixed = torch.logaddexp(log_1m[..., None] + lp_lm, log_lam[..., None] + p_mem.clamp_min(_TINY).log())
-                out = torch.where(has[..., None], mixed, lp_lm)
+                # (1 - lambda) p_LM everywhere, and the memory's mass added at the <= k retrieved ids:
+                # no second [B, T, V] distribution. An id retrieved twice carries the sum of its
+                # weights and is corrected once (at its first slot), so values and gradients agree
+                # with the dense mixture.
+                same = ids[..., :, None] == ids[..., None, :]  # [B, T, k, k]
+                p_ids = (w[..., None, :] * same).sum(-1)
+                earlier = torch.ones(k, k, dtype=torch.bool, device=ids.device).tril(-1)
+                first = ~(same & earlier).any(-1)
+                base = lp_lm + log_1m[..., None]
+                b_ids = base.gather(-1, ids)
+                at_ids = torch.logaddexp(b_ids, log_lam[..., None] + p_ids.clamp_min(_TINY).log())
+                mixed = base.scatter_add(-1, ids, (at_ids - b_ids) * first)
+                out = mixed if bool(has.all()) else torch.where(has[..., None], mixed, lp_lm)
             else:
                 lp_y = lp_lm.gather(-1, targets[..., None])[..., 0]
                 p_mem_y = (w * (ids == targets[..., None])).sum(-1)

@@ -234,7 +234,7 @@ class TextNativeSSMNNetwork(TokenLM):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Output layer: core features ``[..., hidden_dim]`` -> logits ``[..., vocab]``."""
-        return self.to_embed(self.norm(h)) @ self.embed.weight.T
+        return self._tied_logits(self.to_embed(self.norm(h)))
 
     def features(self, tokens: torch.Tensor, state: SSMNState | None = None):
         """``forward`` without the output layer: (features ``[B, T, hidden_dim]``, state)."""
