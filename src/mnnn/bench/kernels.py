@@ -1,4 +1,5 @@
 """``mnnn bench kernels``: every fast form against its naive loop, same inputs, same process.
+(``tied_nll``'s "naive" form is the composite ``cross_entropy(x @ E.T)`` it replaces.)
 
 For each op and sequence length: max relative error of the outputs (forward) and of the input
 gradients (backward through ``sum(out * w)`` with a fixed random ``w``), then the median time of
@@ -20,6 +21,7 @@ from mnnn.ops import (decay_attention, decay_attention_naive, lif, lif_naive, li
 from mnnn.ops.delta_rule import delta_rule, delta_rule_naive
 from mnnn.ops.longconv import long_conv_fft, long_conv_naive
 from mnnn.ops.ssm import discretize, s4d_fft, s4d_naive
+from mnnn.ops.tied_nll import tied_nll, tied_nll_naive
 
 PRESETS = {
     "default": {"lengths": [256, 1024, 4096], "batch": 4, "dim": 64, "heads": 4, "repeats": 3, "tol": 1e-3},
@@ -45,7 +47,7 @@ def cases(B: int, T: int, D: int, H: int) -> dict[str, tuple[Callable, Callable,
     Ab, Bb, Cd = discretize(log_dt, A_re, A_im, Bc, Cc)
     Dd = torch.randn(D, generator=g)
     filt = r(min(T, 1024), D, scale=0.05)
-    return {
+    out = {
         "linear_scan": (lambda a, b: linear_scan(a, b)[0], lambda a, b: linear_scan_naive(a, b)[0], [a, r(B, T, D)]),
         "decay_attention": (lambda q, k, v, d: decay_attention(q, k, v, d)[0],
                             lambda q, k, v, d: decay_attention_naive(q, k, v, d)[0], [q, k, v, decay]),
@@ -64,6 +66,11 @@ def cases(B: int, T: int, D: int, H: int) -> dict[str, tuple[Callable, Callable,
             lambda q, k, v, b, d: delta_rule_naive(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, b, d)[0],
             [q, k, v, beta, decay]),
     }
+    if B * T <= 4096:  # the LM loss at the BERT vocabulary (B*T rows of 30522 logits; larger would not fit)
+        targets = torch.randint(0, 30522, (B, T), generator=g)
+        out["tied_nll(V=30522)"] = (lambda x, e: tied_nll(x, e, targets), lambda x, e: tied_nll_naive(x, e, targets),
+                                    [r(B, T, D), r(30522, D, scale=0.02)])
+    return out
 
 
 def _fwd_bwd(fn, inputs, w):
@@ -85,7 +92,8 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    jobs = [(T, name) for T in c["lengths"] for name in cases(1, 4, 4, 2)]
+    jobs = [(T, name) for T in c["lengths"] for name in cases(c["batch"], 1, 4, 2) if "tied" not in name
+            or c["batch"] * T <= 4096]
     with tqdm(total=len(jobs), desc="kernels", disable=not progress) as bar:
         for T in c["lengths"]:
             for name, (fast, naive, inputs) in cases(c["batch"], T, c["dim"], c["heads"]).items():

@@ -162,20 +162,28 @@ class OutputMemory(nn.Module):
         values = values.index_copy(1, slots, new_v)
         return keys, values, count + n
 
-    def forward(self, feats: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor, state: CacheState,
-                targets: torch.Tensor | None = None):
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor, logits: torch.Tensor | None, state: CacheState,
+                targets: torch.Tensor | None = None, nll_lm: torch.Tensor | None = None):
         """feats ``[B, T, D]``, tokens ``[B, T]`` (the inputs), logits ``[B, T, V]`` of the LM.
 
         Without ``targets``: ``(log_probs [B, T, V], state)`` of the mixture. With ``targets``
         ``[B, T]``: ``((nll, nll_lm) each [B, T], state)`` — the mixture's and the LM's own NLL of
-        the targets, without building a second ``[B, T, V]`` tensor."""
-        dt = torch.promote_types(logits.dtype, torch.float32)  # half logits are mixed in float32
-        lp_lm = F.log_softmax(logits.to(dt), dim=-1)
+        the targets, without building a second ``[B, T, V]`` tensor. With targets the caller may
+        give the LM's own NLL ``nll_lm [B, T]`` instead of the logits (``logits=None``): only the
+        targets' probabilities enter the mixture's NLL."""
+        if targets is not None and nll_lm is not None:
+            dt = torch.promote_types(nll_lm.dtype, torch.float32)
+            lp_lm, lp_y = None, -nll_lm.to(dt)
+        else:
+            if logits is None:
+                raise ValueError("output memory: give logits, or targets with the LM's nll_lm")
+            dt = torch.promote_types(logits.dtype, torch.float32)  # half logits are mixed in float32
+            lp_lm = F.log_softmax(logits.to(dt), dim=-1)
+            lp_y = None if targets is None else lp_lm.gather(-1, targets[..., None])[..., 0]
         if not self.enabled:  # reads and writes off: the LM alone, the cache untouched
             if targets is None:
                 return lp_lm, state
-            nll_lm = -lp_lm.gather(-1, targets[..., None])[..., 0]
-            return (nll_lm, nll_lm), state
+            return (-lp_y, -lp_y), state
         B, T, D = feats.shape
         if not torch.is_grad_enabled() and not bool(torch.isfinite(feats).all()):
             raise ValueError("output memory: the query/key features hold NaN or infinity")
@@ -201,7 +209,7 @@ class OutputMemory(nn.Module):
         cand_values = torch.cat([values[:, :filled], tokens[:, 1:]], dim=1)  # [B, C]
         C = scores.shape[-1]
         if C == 0:
-            out = lp_lm if targets is None else (-lp_lm.gather(-1, targets[..., None])[..., 0],) * 2
+            out = lp_lm if targets is None else (-lp_y,) * 2
             if targets is not None:
                 with torch.no_grad():
                     self._stats["positions"] += B * T
@@ -231,7 +239,6 @@ class OutputMemory(nn.Module):
                 mixed = base.scatter_add(-1, ids, (at_ids - b_ids) * first)
                 out = mixed if bool(has.all()) else torch.where(has[..., None], mixed, lp_lm)
             else:
-                lp_y = lp_lm.gather(-1, targets[..., None])[..., 0]
                 p_mem_y = (w * (ids == targets[..., None])).sum(-1)
                 mixed = torch.logaddexp(log_1m + lp_y, log_lam + p_mem_y.clamp_min(_TINY).log())
                 nll = -torch.where(has, mixed, lp_y)

@@ -68,12 +68,13 @@ class OutputMemoryLM(TokenLM):
     def forward(self, tokens, state: MemoryLMState | None = None, targets=None):
         state = self.init_state(tokens.shape[0]) if state is None else state
         feats, base = self.base.features(tokens, state.base)
-        out, cache = self.output_memory(feats, tokens, self.head(feats), state.cache, targets)
+        if targets is None:
+            out, cache = self.output_memory(feats, tokens, self.head(feats), state.cache)
+        else:
+            out, cache = self.output_memory(feats, tokens, None, state.cache, targets,
+                                            nll_lm=self.target_nll(feats, targets))
         state = MemoryLMState(base=base, cache=cache)
         return (out, state) if targets is None else (out[0], out[1], state)
-
-    def token_nll(self, tokens, targets, state: MemoryLMState | None = None):
-        return self(tokens, state, targets=targets)
 
     def step(self, token_t, state: MemoryLMState):
         out, state = self(token_t[:, None], state)

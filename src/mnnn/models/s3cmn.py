@@ -223,19 +223,18 @@ class S3CMN(TokenLM):
         which never builds a second ``T x vocab`` tensor."""
         tokens = _as_batch(tokens)
         feats, state = self.features(tokens, state)
-        logits = self.head(feats)
         if self.output_memory is None:
             if targets is None:
-                return logits, state
-            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+                return self.head(feats), state
+            nll = self.target_nll(feats, targets)
             return nll, nll, state
-        out, cache = self.output_memory(feats, tokens, logits, state.cache, targets)
+        if targets is None:
+            out, cache = self.output_memory(feats, tokens, self.head(feats), state.cache)
+        else:
+            out, cache = self.output_memory(feats, tokens, None, state.cache, targets,
+                                            nll_lm=self.target_nll(feats, targets))
         state = dataclasses.replace(state, cache=cache)
         return (out, state) if targets is None else (out[0], out[1], state)
-
-    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor, state: S3CMNState | None = None):
-        """``(nll, nll_no_memory, state)``: see :meth:`forward`."""
-        return self(tokens, state, targets=targets)
 
     def step(self, token_t: torch.Tensor, state: S3CMNState):
         logits, state = self(token_t[:, None], state)

@@ -232,9 +232,9 @@ class TextNativeSSMNNetwork(TokenLM):
     def init_state(self, batch_size: int) -> SSMNState:
         return self.core.init_state(batch_size)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Output layer: core features ``[..., hidden_dim]`` -> logits ``[..., vocab]``."""
-        return self._tied_logits(self.to_embed(self.norm(h)))
+    def head_features(self, h: torch.Tensor) -> torch.Tensor:
+        """Core features ``[..., hidden_dim]`` -> what multiplies the tied embedding ``[..., embed_dim]``."""
+        return self.to_embed(self.norm(h))
 
     def features(self, tokens: torch.Tensor, state: SSMNState | None = None):
         """``forward`` without the output layer: (features ``[B, T, hidden_dim]``, state)."""

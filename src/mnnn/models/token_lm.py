@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mnnn.ops.tied_nll import tied_nll
+
 
 class TokenLM(nn.Module):
     """Base of the token LMs: subclasses define ``embed`` and ``features``."""
@@ -20,9 +22,18 @@ class TokenLM(nn.Module):
     def features(self, tokens: torch.Tensor, state=None):
         raise NotImplementedError
 
+    def head_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """What multiplies the tied embedding: ``feats`` itself here (a subclass may project)."""
+        return feats
+
     def head(self, feats: torch.Tensor) -> torch.Tensor:
         """Tied output layer: features ``[..., E]`` -> logits ``[..., vocab]``."""
-        return self._tied_logits(feats)
+        return self._tied_logits(self.head_features(feats))
+
+    def target_nll(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """NLL ``[B, T]`` of ``targets`` under ``softmax(head(feats))``, without keeping the logits
+        (:func:`mnnn.ops.tied_nll.tied_nll`)."""
+        return tied_nll(self.head_features(feats), self.embed.weight, targets)
 
     def _tied_logits(self, feats: torch.Tensor) -> torch.Tensor:
         """``feats @ embed.weight.T``. One or two rows without autograd (a streaming or generation
@@ -40,9 +51,19 @@ class TokenLM(nn.Module):
             self.__dict__["_head_t"] = cached
         return feats @ cached[1]
 
-    def forward(self, tokens: torch.Tensor, state=None):
+    def forward(self, tokens: torch.Tensor, state=None, targets: torch.Tensor | None = None):
+        """``(logits [B, T, vocab], state)``; with ``targets [B, T]``: ``(nll, nll, state)`` (the
+        second NLL is the model without memory, the same here), the training and evaluation path,
+        which never keeps a ``T x vocab`` tensor."""
         feats, state = self.features(tokens, state)
-        return self.head(feats), state
+        if targets is None:
+            return self.head(feats), state
+        nll = self.target_nll(feats, targets)
+        return nll, nll, state
+
+    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor, state=None):
+        """``(nll, nll_no_memory, state)``: see :meth:`forward`."""
+        return self(tokens, state, targets=targets)
 
     def attach_datastore(self, store, lam: float = 0.25, top_k: int = 32, theta: float | None = None,
                          search: str = "exact", split: str | None = None,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnnn.models.token_lm import TokenLM
 from mnnn.serialization import atomic_write
 from mnnn.training.checkpoint import load_checkpoint, restore, save_checkpoint
 from mnnn.training.loop import cosine_lr
@@ -83,6 +84,7 @@ def evaluate_lm(model: nn.Module, ids, batch_size: int = 8, seq_len: int = 128,
     device = next(model.parameters()).device
     data = data.to(device)
     with_memory = getattr(model, "has_output_memory", False)
+    scored = with_memory or isinstance(model, TokenLM)
     starts = range(0, data.shape[1] - 1, seq_len)
     bar = None
     if progress:
@@ -93,7 +95,7 @@ def evaluate_lm(model: nn.Module, ids, batch_size: int = 8, seq_len: int = 128,
         x = data[:, start : start + seq_len]
         y = data[:, start + 1 : start + 1 + seq_len]
         x = x[:, : y.shape[1]]
-        if with_memory:
+        if scored:  # a token LM scores the targets without keeping T x vocab logits
             nll, nll_lm, state = model.token_nll(x, y, state)
             total_nll += float(nll.sum())
             total_lm += float(nll_lm.sum())
@@ -180,7 +182,7 @@ def train_lm(
     schedule_len = max_steps or max(1, int(time_budget_s * 2))  # refined after the first steps
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     state = _fresh_streams(model, batch_size)
-    with_memory = getattr(model, "has_output_memory", False)
+    scored = getattr(model, "has_output_memory", False) or isinstance(model, TokenLM)
     step = 0
     out = Path(out_dir) if out_dir is not None and rank == 0 else None  # rank 0 writes for everyone
     ckpt = out / "checkpoint.safetensors" if out is not None else None
@@ -231,7 +233,7 @@ def train_lm(
             for group in opt.param_groups:
                 group["lr"] = learning_rate * cosine_lr(step, schedule_len, warmup)
             model.train()
-            if with_memory:  # the mixture's exact NLL, without a second T x vocab tensor
+            if scored:  # the NLL of the targets (the mixture's, with memory), no T x vocab tensor kept
                 nll, _, state = net(x, state, targets=y)
                 loss = nll.mean()
             else:
