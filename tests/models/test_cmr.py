@@ -290,11 +290,14 @@ def test_retrieval_cache_invalidated_by_writes():
         Retriever("multi_criteria", criteria_weights={"novelty": 1.0})
 
 
-def test_per_token_reweaving_equals_a_loop_over_positions():
+@pytest.mark.parametrize("dense_ratio", [0, 100], ids=["gather", "dense"])
+@pytest.mark.parametrize("read_values", [False, True], ids=["keys", "values"])
+def test_per_token_reweaving_equals_a_loop_over_positions(dense_ratio, read_values):
     from mnnn.layers.reweave import ReweaveLayer
 
     torch.manual_seed(0)
     layer = ReweaveLayer(16, heads=4).double()
+    layer.dense_ratio = dense_ratio  # both ways of reading the store
     with torch.no_grad():
         layer.gate.fill_(0.7)
         layer.attn.in_proj_bias.normal_()
@@ -308,7 +311,8 @@ def test_per_token_reweaving_equals_a_loop_over_positions():
     valid[0, 0] = False  # a position with nothing retrieved keeps its state
     bias = torch.randn(B, T, k, dtype=torch.float64, requires_grad=True)
     similarity = torch.rand(B, T, k, dtype=torch.float64)
-    fast = layer.forward_tokens(h, memory, idx, valid, bias, similarity=similarity)
+    values = torch.randn(B, N, 16, dtype=torch.float64, requires_grad=True) if read_values else None
+    fast = layer.forward_tokens(h, memory, idx, valid, bias, values, similarity=similarity)
     rows = []
     for b in range(B):
         for t in range(T):
@@ -316,14 +320,16 @@ def test_per_token_reweaving_equals_a_loop_over_positions():
                 rows.append(h[b, t])
                 continue
             m = layer.norm_memory(memory[b, idx[b, t][valid[b, t]]])[None]
+            v = m if values is None else layer.norm_memory(values[b, idx[b, t][valid[b, t]]])[None]
             logit_bias = bias[b, t] + layer.similarity_scale * similarity[b, t]
             attn_mask = logit_bias[valid[b, t]][None, None].expand(4, 1, -1)  # float mask = logit bias
-            out, _ = layer.attn(layer.norm(h[b, t])[None, None], m, m, attn_mask=attn_mask, need_weights=False)
+            out, _ = layer.attn(layer.norm(h[b, t])[None, None], m, v, attn_mask=attn_mask, need_weights=False)
             rows.append(h[b, t] + torch.tanh(layer.gate) * out[0, 0])
     slow = torch.stack(rows).view(B, T, 16)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
     g = torch.randn_like(fast)
-    wrt = [h, memory, bias, layer.gate, layer.similarity_scale, layer.attn.in_proj_weight]
+    wrt = [h, memory, bias, layer.gate, layer.similarity_scale, layer.attn.in_proj_weight,
+           layer.norm_memory.weight] + ([values] if read_values else [])
     grads_fast = torch.autograd.grad((fast * g).sum(), wrt)
     grads_slow = torch.autograd.grad((slow * g).sum(), wrt)
     for a, b in zip(grads_fast, grads_slow):

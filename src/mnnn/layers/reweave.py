@@ -18,6 +18,9 @@ class ReweaveLayer(nn.Module):
     (``LN'``): stored residual-stream states vary widely in norm."""
 
     _scratch = threading.local()  # per thread, shared by every layer: reused gather buffers
+    # forward_tokens scores the whole store when it holds at most this many entries per pick
+    # (N <= dense_ratio * k): one GEMM per stream beats k-row gathers and B T tiny matmuls there
+    dense_ratio = 4
 
     def __init__(self, dim: int, heads: int = 4):
         super().__init__()
@@ -72,7 +75,9 @@ class ReweaveLayer(nn.Module):
         retrieval score); ``similarity [B, T, k]`` a retrieval cosine, added times the learned
         ``similarity_scale`` (initially 10, as the continuous cache's theta); ``memory_values
         [B, N, d]`` what is read (default: ``memory``). The same parameters as :meth:`forward` (one cross-attention, two modes).
-        Keys and values are projected once per entry, then gathered: O(B T k d), no loop over t.
+        The entries are normalised once, then gathered per position (O(B T k d), no loop over t);
+        a store of at most ``dense_ratio * k`` entries is instead scored whole, one GEMM per stream,
+        and read through the attention weights scattered onto it: the same sums, faster there.
         """
         B, T, d = h.shape
         k = idx.shape[-1]
@@ -82,18 +87,22 @@ class ReweaveLayer(nn.Module):
         b_q, b_k, b_v = self.attn.in_proj_bias.chunk(3)
         mem = self.norm_memory(memory.to(h.dtype))
         N = mem.shape[1]
-        rows = (idx + N * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)  # whole-row copies
-        picked = self._gather(mem.reshape(B * N, d), rows, 0).view(B * T, k, d)
-        if memory_values is None:
-            picked_values = picked
-        else:
-            vals = self.norm_memory(memory_values.to(h.dtype))
-            picked_values = self._gather(vals.reshape(B * N, d), rows, 1).view(B * T, k, d)
+        vals = mem if memory_values is None else self.norm_memory(memory_values.to(h.dtype))
         # keys folded into the query: q_h . (W_k,h m + b_k,h) = (W_k,h^T q_h) . m + q_h . b_k,h
         q = F.linear(self.norm(h), w_q, b_q).view(B * T, heads, hd)
         q_mem = torch.einsum("nhe,hed->nhd", q, w_k.view(heads, hd, d))  # [B T, heads, d]
-        logits = (torch.bmm(q_mem, picked.transpose(1, 2))
-                  + (q * b_k.view(heads, hd)).sum(-1, keepdim=True)) / hd ** 0.5  # [B T, heads, k]
+        dense = N <= self.dense_ratio * k
+        if dense:  # a small store: score every entry in one batched GEMM, then take the k columns
+            cols = idx[:, :, None, :].expand(B, T, heads, k).reshape(B, T * heads, k)
+            dots = torch.bmm(q_mem.reshape(B, T * heads, d), mem.transpose(1, 2)).gather(-1, cols)
+            dots = dots.view(B * T, heads, k)
+        else:  # a large store: gather the k entries of every position (O(B T k d), no N factor)
+            rows = (idx + N * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)  # whole-row copies
+            picked = self._gather(mem.reshape(B * N, d), rows, 0).view(B * T, k, d)
+            picked_values = (picked if memory_values is None
+                             else self._gather(vals.reshape(B * N, d), rows, 1).view(B * T, k, d))
+            dots = torch.bmm(q_mem, picked.transpose(1, 2))
+        logits = (dots + (q * b_k.view(heads, hd)).sum(-1, keepdim=True)) / hd ** 0.5  # [B T, heads, k]
         if bias is not None:
             logits = logits + bias.to(logits.dtype).reshape(B * T, 1, k)
         if similarity is not None:
@@ -102,7 +111,11 @@ class ReweaveLayer(nn.Module):
         logits = logits.masked_fill(~(valid | ~has[..., None]).reshape(B * T, 1, k), float("-inf"))
         attn = torch.softmax(logits, dim=-1)
         # values after the mixing: sum_k a_k (W_v,h m_k + b_v,h) = W_v,h (sum_k a_k m_k) + b_v,h
-        mixed = torch.bmm(attn, picked_values)  # [B T, heads, d]
+        if dense:  # the weights scattered onto the store (an entry picked twice adds up), one GEMM
+            weights = attn.new_zeros(B, T * heads, N).scatter_add(-1, cols, attn.view(B, T * heads, k))
+            mixed = torch.bmm(weights, vals).view(B * T, heads, d)
+        else:
+            mixed = torch.bmm(attn, picked_values)  # [B T, heads, d]
         out = (torch.einsum("nhd,hed->nhe", mixed, w_v.view(heads, hd, d)) + b_v.view(heads, hd)).reshape(B, T, d)
         out = self.attn.out_proj(out)
         return h + torch.tanh(self.gate) * out * has[..., None].to(h.dtype)

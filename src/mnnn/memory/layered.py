@@ -81,12 +81,17 @@ class LayeredMemoryBuffer:
                               else next_tokens.long())}
         for key in _FIELDS:
             d[key] = torch.cat([d[key].to(dev), new[key].to(dev)])
-        for row in new["row"].unique().tolist():  # capacity is per stream: no stream evicts another's entries
+        # capacity is per stream: no stream evicts another's entries. Counts per stream in one
+        # bincount per layer; only the streams over a limit are visited.
+        width = int(d["row"].max()) + 1
+        here = torch.bincount(d["row"], minlength=width)
+        total = sum(torch.bincount(self.data[other]["row"].to(dev), minlength=width)[:width]
+                    for other in self.layers)
+        over = torch.maximum(here - self.max_entries_per_layer, total - self.max_total_entries)
+        over[~torch.isin(torch.arange(width, device=dev), new["row"])] = 0  # only streams written now
+        for row in over.gt(0).nonzero().squeeze(1).tolist():
             mine = d["row"] == row
-            total = sum(int((self.data[other]["row"] == row).sum()) for other in self.layers)
-            over = max(int(mine.sum()) - self.max_entries_per_layer, total - self.max_total_entries)
-            if over > 0:
-                self._evict(layer, min(over, int(mine.sum())), mine)
+            self._evict(layer, min(int(over[row]), int(here[row])), mine)
         self.version[layer] = next(_GENERATION)
 
     def _evict(self, layer: int, k: int, among: torch.Tensor) -> None:
