@@ -65,18 +65,3 @@ def test_bad_input():
         tied_nll(f, w, torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="integer token ids"):
         tied_nll(f, w, torch.zeros(3))
-
-
-def test_workspaces_are_released_and_capped(monkeypatch):
-    import mnnn.ops.tied_nll as op
-
-    weight = torch.randn(50, 8)
-    feats, targets = torch.randn(30, 8, requires_grad=True), torch.randint(0, 50, (30,))
-    op.release_workspaces()
-    tied_nll(feats, weight, targets).sum().backward()
-    assert op.release_workspaces() == 30 * 50 * 4  # the one float32 workspace of that step
-    assert op.release_workspaces() == 0
-    monkeypatch.setattr(op, "MAX_POOLED_BYTES", 30 * 50 * 4 - 1)  # too large to keep
-    with torch.no_grad():
-        tied_nll(feats, weight, targets)
-    assert op._POOL == []

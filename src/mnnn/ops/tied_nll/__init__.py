@@ -22,9 +22,6 @@ from torch.autograd.function import once_differentiable
 
 _POOL: list[torch.Tensor] = []  # free flat CPU workspaces, at most _POOL_SIZE
 _POOL_SIZE = 2
-# a workspace larger than this is freed after use instead of pooled (a long-lived process that once
-# scored a huge batch does not keep it); set it to 0 to pool nothing
-MAX_POOLED_BYTES = 1 << 30
 _LOCK = threading.Lock()
 _ROWS = 128  # rows per block of the log-sum-exp
 
@@ -42,21 +39,10 @@ def _give(buf: torch.Tensor) -> None:
     if buf.device.type != "cpu":
         return
     base = buf._base if buf._base is not None else buf
-    if base.numel() * base.element_size() > MAX_POOLED_BYTES:
-        return
     with _LOCK:
         _POOL.append(base)
         if len(_POOL) > _POOL_SIZE:
             del _POOL[min(range(len(_POOL)), key=lambda i: _POOL[i].numel())]
-
-
-def release_workspaces() -> int:
-    """Free the pooled CPU workspaces (e.g. after training, before serving); returns the bytes
-    released. Later calls allocate afresh."""
-    with _LOCK:
-        freed = sum(b.numel() * b.element_size() for b in _POOL)
-        _POOL.clear()
-    return freed
 
 
 class _TiedNLL(torch.autograd.Function):
@@ -118,4 +104,4 @@ def tied_nll(feats: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -
     return _TiedNLL.apply(flat, weight, targets.reshape(-1).long(), keep).view(targets.shape)
 
 
-__all__ = ["release_workspaces", "tied_nll", "tied_nll_naive"]
+__all__ = ["tied_nll", "tied_nll_naive"]
