@@ -274,6 +274,11 @@ def test_buffer_eviction_orders_and_save_load(tmp_path):
     loaded = LayeredMemoryBuffer.load(tmp_path / "buf.safetensors")
     for key, value in buf.data[0].items():
         assert torch.equal(loaded.data[0][key], value)
+    with pytest.raises(ValueError, match="stream index >= 0"):  # refused before anything is written
+        buf.add(0, torch.zeros(1, 2), torch.ones(1), 5, torch.tensor([-1]))
+    with pytest.raises(ValueError, match="one stream index"):
+        buf.add(0, torch.zeros(2, 2), torch.ones(2), 5, torch.tensor([0]))
+    assert buf.size(0) == loaded.size(0)
 
 
 def test_retrieval_cache_invalidated_by_writes():

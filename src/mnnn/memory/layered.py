@@ -70,6 +70,9 @@ class LayeredMemoryBuffer:
         if n == 0:
             return
         dev = states.device
+        if rows.numel() != n or int(rows.min()) < 0:
+            raise ValueError(f"rows must hold one stream index >= 0 per state ({n}), got "
+                             f"{rows.numel()} with minimum {int(rows.min()) if rows.numel() else None}")
         new = {"states": states.detach().to(d["states"].dtype),
                "values": (states if values is None else values).detach().to(d["states"].dtype),
                "relevance": relevance.detach().float(),
