@@ -122,7 +122,8 @@ def test_bench_cmr_toy(tmp_path):
     pytest.importorskip("transformers")
     assert main(["bench", "cmr", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
     rows = json.loads((tmp_path / "cmr.json").read_text())["results"]
-    assert rows[0]["model"] == "base" and len(rows) == 9  # 4 strategies, per token and per segment
+    assert rows[0]["model"] == "base" and len(rows) == 13  # 4 strategies: per token, per segment, KV read
+    assert sum("(KV read)" in r["model"] for r in rows) == 4
     assert all(r.get("max_abs_diff_closed_gate", 0) < 1e-5 for r in rows)
 
 
@@ -135,6 +136,10 @@ def test_bench_cmr_wikitext_toy(tmp_path):
     assert main(["bench", "cmr-wikitext", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
     rows = json.loads((tmp_path / "cmr_wikitext.json").read_text())["results"]
     assert abs(rows[0]["valid_ppl"] - rows[1]["valid_ppl"]) < 1e-3 * rows[0]["valid_ppl"]  # untrained == base
+    labels = [r["model"] for r in rows]
+    assert "CMR trained (KV read), memory on" in labels and "CMR trained (KV read), memory off" in labels
+    off = rows[labels.index("CMR trained (KV read), memory off")]["valid_ppl"]
+    assert abs(off - rows[0]["valid_ppl"]) < 1e-3 * rows[0]["valid_ppl"]  # the switch gives the base
 
 
 def test_bench_datastore_toy(tmp_path):

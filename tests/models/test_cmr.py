@@ -400,3 +400,104 @@ def test_generate_reads_memory_per_token_and_the_switch_gives_the_base():
     on = model.generate(s2[:, :4], **kwargs)
     assert on.shape == off.shape and model.stats["retrieved"] > before
     assert model.buffer.size(model.target_layers[0]) == 2 * 15  # generating stores nothing
+
+
+# ---- reconstruction_method='kv_attention' ---------------------------------------------------------
+KV = {"reconstruction_method": "kv_attention", "relevance_threshold": 0.0, "similarity_threshold": -1.0}
+
+
+def _open_kv(model):
+    """What training does: a non-zero query map (the memory weight starts open at 0)."""
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for r in model.kv_readers.values():
+            r.query_adapter.copy_(torch.randn(r.query_adapter.shape, generator=g) * 0.3)
+            r.bias.copy_(torch.randn(r.bias.shape, generator=g))
+
+
+def test_kv_read_of_every_entry_is_the_base_attending_over_the_earlier_segment():
+    base = tiny_gpt2()
+    model = CMRModel(base, {**KV, "retrieval_budget": 64, "target_layers": [0, 1, 2]})
+    s1, s2 = _segments()
+    with torch.no_grad():
+        model(s1)
+        out = model(s2).logits
+        past = base(input_ids=s1, use_cache=True).past_key_values
+        ref = base(input_ids=s2, past_key_values=past, position_ids=torch.arange(16).expand(2, 16),
+                   attention_mask=torch.ones(2, 32)).logits
+    assert (out - base(input_ids=s2).logits).abs().max() > 1e-3  # memory changes the output
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_kv_read_closed_or_switched_off_is_the_base_bitwise():
+    model = CMRModel(tiny_gpt2(), {**KV, "retrieval_budget": 5})
+    _open_kv(model)
+    s1, s2 = _segments()
+    with torch.no_grad():
+        model(s1)
+        ref = model.base(input_ids=s2).logits
+        assert torch.equal(model(s2, use_memory=False).logits, ref)
+        for r in model.kv_readers.values():
+            r.bias.fill_(float("-inf"))
+        model.reset_memory()
+        model(s1)
+        assert torch.equal(model(s2).logits, ref)
+
+
+@pytest.mark.parametrize("j", [0, 7, 15])
+def test_kv_read_is_causal(j):
+    model = CMRModel(tiny_gpt2(), {**KV, "retrieval_budget": 5})
+    _open_kv(model)
+    s1, s2 = _segments()
+    s2b = s2.clone()
+    s2b[:, j] = (s2b[:, j] + 1) % 64
+    a, b = _stream_outputs(model, [s1, s2]), _stream_outputs(model, [s1, s2b])
+    assert (a - model.base(input_ids=s2).logits).abs().max() > 1e-4
+    torch.testing.assert_close(a[:, :j], b[:, :j], rtol=0, atol=1e-6)
+    assert (a[:, j] - b[:, j]).abs().max() > 0
+
+
+@pytest.mark.parametrize("strategy", ["semantic", "contextual", "multi_criteria", "hierarchical"])
+def test_kv_read_isolates_streams_and_ignores_batch_size(strategy):
+    model = CMRModel(tiny_gpt2(), {**KV, "retrieval_strategy": strategy, "retrieval_budget": 6, "max_clusters": 3,
+                                   "max_entries_per_layer": 20})
+    _open_kv(model)
+    g = torch.Generator().manual_seed(5)
+    segs = [torch.randint(0, 64, (3, 16), generator=g) for _ in range(4)]
+    full = _stream_outputs(model, segs)
+    assert model.buffer.evictions > 0
+    other = [s.clone() for s in segs]
+    for s in other:
+        s[1:] = torch.randint(0, 64, s[1:].shape, generator=g)
+    torch.testing.assert_close(_stream_outputs(model, other)[0], full[0], rtol=0, atol=1e-5)
+    alone = _stream_outputs(model, [s[1:2] for s in segs])
+    torch.testing.assert_close(alone[0], full[1], rtol=0, atol=1e-5)
+    assert model.retrieval_stats()["retrieved_per_position"] == 6
+
+
+def test_kv_read_trains_its_own_parameters_and_generates():
+    model = CMRModel(tiny_gpt2(), {**KV, "retrieval_strategy": "contextual", "retrieval_budget": 4})
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(3)
+    train_cmr(model, torch.randint(0, 64, (400,), generator=g), segment_len=16, steps=4, batch_size=2)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("kv_readers.") for n in moved) and any(n.startswith("scorer.") for n in moved)
+    assert not any(n.startswith("base.") for n in moved)
+    prompt = torch.randint(0, 64, (2, 5), generator=g)
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 9)
+    with pytest.raises(ValueError, match="use_cache"):
+        model.generate(prompt, max_new_tokens=2, use_cache=True)
+
+
+def test_kv_read_bad_configs():
+    with pytest.raises(ValueError, match="retrieval_mode must be 'token'"):
+        CMRConfig(reconstruction_method="kv_attention", retrieval_mode="segment")
+    with pytest.raises(ValueError, match="memory_values"):
+        CMRConfig(reconstruction_method="kv_attention", memory_values="next")
+    assert CMRConfig().memory_values == "next" and CMRConfig(reconstruction_method="kv_attention").memory_values == "self"
+    with pytest.raises(ValueError, match="GPT-2-style attention"):
+        CMRModel(tiny_llama(), {"reconstruction_method": "kv_attention"})
+    model = CMRModel(tiny_gpt2(), KV)
+    with pytest.raises(ValueError, match="past_key_values"):
+        model(_segments()[0], past_key_values=object())

@@ -3,8 +3,9 @@
 GPT-2-architecture models (random weights: the overhead does not depend on them; a small 4 x 256
 one and GPT-2 small's geometry, 12 x 768, the seed's example base) read
 segments of T tokens; the bare model and CMR (memory of the 2 earlier segments, restored before
-every repeat; every retrieval strategy, per token and per segment) are timed on the same segment
-in the same process. Verification first: an untrained CMR's logits (zero output projection)
+every repeat; every retrieval strategy, per token, per segment, and per token read by the base's
+own attention, "KV read") are timed on the same segment in the same process. Verification first:
+an untrained CMR's logits (zero output projection) and a closed KV read's (memory weight -inf)
 equal the base model's.
 """
 
@@ -47,7 +48,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
 
         t_base = time_base()
         rows.append({"base": name, "model": "base", "T": c["T"], "forward_s": t_base, "overhead": 0.0})
-        for mode in ("token", "segment"):
+        for mode in ("token", "segment", "kv"):
             for strategy in STRATEGIES:
                 row = _time_cmr(base, segs, strategy, mode, c)
                 # the bare model timed again right after (CMR's hooks removed): each row's overhead is
@@ -68,17 +69,25 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
 
 def _time_cmr(base, segs, strategy: str, mode: str, c) -> dict[str, Any]:
     """One CMR configuration on segment 3 with the memory of segments 1 and 2 (restored before
-    every repeat, so each timed forward reads the same store)."""
-    model = CMRModel(base, {"retrieval_strategy": strategy, "retrieval_budget": c["budget"], "retrieval_mode": mode,
-                            "similarity_threshold": -1.0}).eval()
+    every repeat, so each timed forward reads the same store). ``mode`` 'kv': per-token retrieval
+    read by the base's attention (``reconstruction_method='kv_attention'``), checked closed
+    (memory weight -inf) and timed open."""
+    kv = mode == "kv"
+    model = CMRModel(base, {"retrieval_strategy": strategy, "retrieval_budget": c["budget"],
+                            "retrieval_mode": "token" if kv else mode, "similarity_threshold": -1.0,
+                            "reconstruction_method": "kv_attention" if kv else "cross_attention"}).eval()
     with torch.no_grad():
         model(segs[0])
         model(segs[1])
         snapshot = {layer: {k: v.clone() for k, v in d.items()} for layer, d in model.buffer.data.items()}
         summary = {layer: v.clone() for layer, v in model._summary.items()}
+        for r in model.kv_readers.values():
+            r.bias.fill_(float("-inf"))
         check = (model(segs[2]).logits - base(input_ids=segs[2]).logits).abs().max().item()
         if check > 1e-5:
             raise AssertionError(f"closed-gate CMR differs from the base model by {check:.2e}")
+        for r in model.kv_readers.values():
+            r.bias.zero_()  # open: every position reads its retrieved keys and values
 
         def segment():
             for layer, d in snapshot.items():
@@ -90,7 +99,8 @@ def _time_cmr(base, segs, strategy: str, mode: str, c) -> dict[str, Any]:
         model.reset_stats()
         t, _ = median_time(segment, repeats=c["repeats"], warmup=1)
     entries = sum(d["states"].shape[0] for d in snapshot.values())
-    row = {"model": f"cmr/{strategy}" + ("" if mode == "token" else " (per segment)"), "T": c["T"],
+    row = {"model": f"cmr/{strategy}" + {"token": "", "segment": " (per segment)", "kv": " (KV read)"}[mode],
+           "T": c["T"],
            "forward_s": t, "entries": entries, "max_abs_diff_closed_gate": check,
            "retrieval_ms": model.performance_stats()["retrieval_ms_per_segment"]}
     for h in model._handles:

@@ -19,7 +19,12 @@ differ only in which ``budget`` entries each position picks; "all memories" read
 buffer (budget >= entries) as the upper reference. Retrieval is per token unless the row says
 "per segment" (the seed's one query per segment); an entry is read as the state that followed it
 (``memory_values='next'``) unless the row names another value ("own state": the entry itself;
-"next token's embedding": the base's input embedding of the token that followed).
+"next token's embedding": the base's input embedding of the token that followed). Rows marked
+"KV read" use ``reconstruction_method='kv_attention'``: entries are the blocks' attention keys and
+values, scored against each position's attention query by the strategy, and read by the base's
+own attention in one softmax with its local keys (:class:`mnnn.layers.kv_read.KVMemoryRead`; its
+per-head memory weight and query map train, at ``kv_lr``). Untrained, that read is the base
+attending over its retrieved past as if it were earlier context.
 
 Planted hit rate: at the query keys (the positions that predict a value), the share whose
 retrieved entries include a state of the asked fact (its key or value position in segment 0) in
@@ -44,11 +49,11 @@ from mnnn.models.cmr import CMRModel
 PRESETS = {
     "default": {"keys": 32, "filler": 32, "segment": 32, "n_facts": 8, "n_query": 8, "gap": 2, "n_embd": 64,
                 "n_layer": 3, "n_head": 4, "base_lr": 5e-4, "base_steps": 5000, "base_target": 0.97, "cmr_steps": 500, "batch": 32,
-                "budget": 32, "eval_episodes": 512, "segment_strategies": ("multi_criteria",),
+                "budget": 32, "eval_episodes": 512, "segment_strategies": ("multi_criteria",), "kv_lr": 3e-2,
                 "value_ablations": (("semantic", "self"), ("semantic", "next_token"))},
     "toy": {"keys": 8, "filler": 8, "segment": 16, "n_facts": 4, "n_query": 4, "gap": 1, "n_embd": 16,
             "n_layer": 2, "n_head": 2, "base_lr": 1e-3, "base_steps": 3, "base_target": 0.97, "cmr_steps": 2, "batch": 4, "budget": 8,
-            "eval_episodes": 8},
+            "eval_episodes": 8, "kv_lr": 3e-2},
 }
 
 
@@ -191,9 +196,9 @@ def train_base(gpt2, c, progress: bool) -> list[float]:
     return accs
 
 
-def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str) -> list[float]:
+def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str, lr: float = 3e-3) -> list[float]:
     g = torch.Generator().manual_seed(2)
-    opt = torch.optim.AdamW(model.cmr_parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.cmr_parameters(), lr=lr)
     losses = []
     for _ in tqdm(range(c["cmr_steps"]), desc=desc, disable=not progress):
         model.train()
@@ -208,13 +213,15 @@ def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str) -> list[fl
     return losses
 
 
-_VALUE_LABEL = {"self": "own state", "next_token": "next token's embedding", "next": "next state"}
+_VALUE_LABEL = {"self": "own state", "next_token": "next token's embedding", "next": "next state", "kv": "KV read"}
 
 
 def _cmr(gpt2, c, strategy: str, budget: int, mode: str = "token", values: str = "next") -> CMRModel:
     torch.manual_seed(3)
+    kv = values == "kv"
     return CMRModel(gpt2, {"retrieval_strategy": strategy, "retrieval_budget": budget, "similarity_threshold": -1.0,
-                           "retrieval_mode": mode, "memory_values": values,
+                           "retrieval_mode": mode, "memory_values": None if kv else values,
+                           "reconstruction_method": "kv_attention" if kv else "cross_attention",
                            "relevance_threshold": 0.0, "max_clusters": 8, "context_heads": 4,
                            "max_entries_per_layer": 100_000, "max_total_entries": 1_000_000,
                            "target_layers": list(range(c["n_layer"]))})
@@ -253,16 +260,24 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     rows[1]["accuracy"] = evaluate(untrained, episodes, use_memory=False)
     rows.append({"model": "CMR untrained (output projection 0)", "accuracy": evaluate(untrained, episodes)})
     _detach(untrained)
+    untrained_kv = _cmr(gpt2, c, "semantic", entries, values="kv")
+    acc = evaluate(untrained_kv, episodes)
+    rows.append({"model": "CMR untrained, KV read of all memories (memory weight 0)", "budget": entries,
+                 "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9)})
+    _detach(untrained_kv)
     curves = {}
     configs = ([("all memories", "semantic", entries, "token", "next")]
                + [(s, s, c["budget"], "token", "next") for s in STRATEGIES]
                + [(f"{s}, values = {_VALUE_LABEL[v]}", s, c["budget"], "token", v) for s, v in c.get("value_ablations", ())]
-               + [(f"{s}, per segment", s, c["budget"], "segment", "next") for s in c.get("segment_strategies", ())])
+               + [(f"{s}, per segment", s, c["budget"], "segment", "next") for s in c.get("segment_strategies", ())]
+               + [("all memories, KV read", "semantic", entries, "token", "kv")]
+               + [(f"{s}, KV read", s, c["budget"], "token", "kv") for s in STRATEGIES])
     last = str(c["n_layer"] - 1)
     for label, strategy, budget, mode, values in configs:
         model = _cmr(gpt2, c, strategy, budget, mode, values)
         start = time.perf_counter()
-        curves[label] = train_cmr_episodes(model, c, progress, f"CMR {label}")
+        curves[label] = train_cmr_episodes(model, c, progress, f"CMR {label}",
+                                           c["kv_lr"] if values == "kv" else 3e-3)
         details: dict = {}
         acc = evaluate(model, episodes, details=details)
         rows.append({"model": f"CMR trained: {label}", "strategy": strategy, "mode": mode, "memory_values": values,
@@ -272,7 +287,8 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                      "planted_hit_rate": details.get(last, {}).get("planted_hit_rate"),
                      "planted_hit_chance": details.get(last, {}).get("chance"), "planted_hits_per_layer": details,
                      "train_s": time.perf_counter() - start,
-                     "gates": {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()}})
+                     "gates": {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()},
+                     "kv_memory_weight": {k: r.bias.tolist() for k, r in model.kv_readers.items()}})
         if progress:
             r = rows[-1]
             tqdm.write(f"{r['model']}: accuracy {r['accuracy']:.3f} ({r['vs_in_window']:.2f} x in-window "

@@ -5,9 +5,13 @@ with and without CMR memory.
    the train split with a context of one segment (no model is downloaded).
 2. CMR wraps it (base frozen) and only its parameters train on train-split segments read in
    order with the memory carried (:func:`mnnn.models.cmr.train_cmr`), once per kind of memory
-   value (``memory_values``: the next position's state, the next token's embedding).
+   value (``memory_values``: the next position's state, the next token's embedding), and once
+   with the KV read (``reconstruction_method='kv_attention'``: the blocks' own attention reads the
+   retrieved keys and values of earlier segments; its memory weight and query map train at
+   ``cmr_lr_kv``).
 3. The valid slice is read in segments by parallel streams: the base alone, CMR untrained (must
-   equal the base), and CMR trained, with memory on and off. ppl = exp(total NLL / tokens).
+   equal the base), the KV read untrained (memory weight 0: the base attending over its retrieved
+   past) and every CMR trained, with memory on and off. ppl = exp(total NLL / tokens).
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from mnnn.training.lm import batchify, train_lm
 PRESETS = {
     "default": {"segment": 128, "n_embd": 128, "n_layer": 2, "n_head": 4, "base_budget_s": 180,
                 "cmr_steps": 150, "cmr_lr": 3e-3, "streams": 8, "valid_tokens": 50_000, "strategy": "multi_criteria",
-                "values": ("next", "next_token")},
+                "values": ("next", "next_token", "kv"), "cmr_lr_kv": 3e-2},
     "toy": {"segment": 16, "n_embd": 16, "n_layer": 2, "n_head": 2, "base_budget_s": 2, "cmr_steps": 3,
-            "cmr_lr": 3e-3, "streams": 2, "valid_tokens": 400, "strategy": "semantic", "values": ("next",)},
+            "cmr_lr": 3e-3, "streams": 2, "valid_tokens": 400, "strategy": "semantic", "values": ("next", "kv"),
+            "cmr_lr_kv": 3e-2},
 }
 
 
@@ -89,24 +94,32 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     gpt2.eval()
     rows, cmr_s, losses, gates, memory_info = [], {}, {}, {}, {}
     for values in c["values"]:
-        model = CMRModel(gpt2, {"retrieval_strategy": c["strategy"], "retrieval_budget": 32, "memory_values": values,
+        kv = values == "kv"
+        model = CMRModel(gpt2, {"retrieval_strategy": c["strategy"], "retrieval_budget": 32,
+                                "memory_values": None if kv else values,
+                                "reconstruction_method": "kv_attention" if kv else "cross_attention",
                                 "similarity_threshold": 0.0, "max_entries_per_layer": 4000})
         if not rows:
             rows = [{"model": "base (no memory)",
                      "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], False)},
                     {"model": "CMR untrained, memory on",
                      "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], True)}]
+        if kv:
+            ppl = segment_ppl(model, valid, c["streams"], c["segment"], True)
+            rows.append({"model": "CMR untrained, KV read (memory weight 0)", "valid_ppl": ppl,
+                         "vs_base": ppl / rows[0]["valid_ppl"]})
         start = time.perf_counter()
         losses[values] = train_cmr(model, torch.as_tensor(train[:2_000_000]).long(), c["segment"], c["cmr_steps"],
-                                   learning_rate=c["cmr_lr"], batch_size=8)
+                                   learning_rate=c["cmr_lr_kv"] if kv else c["cmr_lr"], batch_size=8)
         cmr_s[values] = time.perf_counter() - start
-        label = f"CMR trained (values: {values})"
+        label = "CMR trained (KV read)" if kv else f"CMR trained (values: {values})"
         on = segment_ppl(model, valid, c["streams"], c["segment"], True)
         memory_info[values] = model.memory_info()  # of the memory-on pass (the next pass resets it)
         off = segment_ppl(model, valid, c["streams"], c["segment"], False)
         rows += [{"model": f"{label}, memory on", "valid_ppl": on, "vs_base": on / rows[0]["valid_ppl"]},
                  {"model": f"{label}, memory off", "valid_ppl": off}]
-        gates[values] = {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()}
+        gates[values] = ({k: r.bias.tolist() for k, r in model.kv_readers.items()} if kv
+                         else {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()})
         for h in model._handles:
             h.remove()
     payload = {"suite": "cmr-wikitext", "preset": preset, "results": rows, "base_train_steps": base_hist["steps"],

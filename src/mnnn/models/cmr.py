@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnnn.layers.kv_read import KVMemoryRead
 from mnnn.layers.reweave import ReweaveLayer
 from mnnn.memory.layered import EVICTION, LayeredMemoryBuffer
 from mnnn.memory.retrieval import STRATEGIES, ContextualScorer, Retriever
 
 SCORING = ("attention_based", "variance_based", "hybrid")
-RECONSTRUCTION = ("cross_attention",)
+RECONSTRUCTION = ("cross_attention", "kv_attention")
 MODES = ("token", "segment")
 INDEXING = ("block", "hidden_states")
 _REFUSED = {
@@ -63,12 +64,15 @@ class CMRConfig:
     criteria_weights: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"relevance": 0.4, "similarity": 0.3, "recency": 0.2, "diversity": 0.1})
     retrieval_budget: int = 32
+    # 'cross_attention': a gated cross-attention after the block reads stored block outputs;
+    # 'kv_attention': the block's own attention reads stored attention keys/values (KVMemoryRead)
     reconstruction_method: str = "cross_attention"
     reweave_heads: int = 4
     retrieval_mode: str = "token"
-    # what an entry gives when read: 'next' the next position's state, 'next_token' the base's input
-    # embedding of the token that followed (kNN-LM's value), 'self' the entry's own state
-    memory_values: str = "next"
+    # what an entry gives when read (cross_attention): 'next' the next position's state (the
+    # default), 'next_token' the base's input embedding of the token that followed (kNN-LM's
+    # value), 'self' the entry's own state. kv_attention reads the entry's own value ('self').
+    memory_values: str | None = None
     center_keys: bool = True  # per-token cosine after subtracting the stream's mean entry
     layer_indexing: str = "block"  # 'hidden_states': the seed's numbering, L = output of block L - 1
     enable_adaptive_thresholds: bool = False
@@ -83,8 +87,18 @@ class CMRConfig:
                 raise ValueError(f"{key}=True is not supported: {why}; leave it False")
         if self.retrieval_mode not in MODES:
             raise ValueError(f"retrieval_mode must be one of {MODES}, got {self.retrieval_mode!r}")
-        if self.memory_values not in ("next", "next_token", "self"):
+        if self.memory_values not in (None, "next", "next_token", "self"):
             raise ValueError(f"memory_values must be 'next', 'next_token' or 'self', got {self.memory_values!r}")
+        if self.reconstruction_method == "kv_attention":
+            if self.retrieval_mode != "token":
+                raise ValueError("reconstruction_method='kv_attention' retrieves per token; "
+                                 f"retrieval_mode must be 'token', got {self.retrieval_mode!r}")
+            if self.memory_values not in (None, "self"):
+                raise ValueError("reconstruction_method='kv_attention' reads each entry's own attention value; "
+                                 f"memory_values must be left unset or 'self', got {self.memory_values!r}")
+            self.memory_values = "self"
+        elif self.memory_values is None:
+            self.memory_values = "next"
         if self.layer_indexing not in INDEXING:
             raise ValueError(f"layer_indexing must be one of {INDEXING}, got {self.layer_indexing!r}")
         if not 0.0 < self.target_keep_fraction <= 1.0:
@@ -199,7 +213,18 @@ class CMRModel(nn.Module):
             raise ValueError("target_layers must name at least one block")
         self.target_layers = sorted(set(layers))
         dim = base_model.config.hidden_size
-        self.reweavers = nn.ModuleDict({str(layer): ReweaveLayer(dim, cfg.reweave_heads) for layer in self.target_layers})
+        self.kv = cfg.reconstruction_method == "kv_attention"
+        if self.kv:  # entries are the blocks' attention keys (retrieval) and values (read)
+            self._taps = {layer: _attention_taps(self.blocks[layer], layer) for layer in self.target_layers}
+            heads, head_dim, _ = self._taps[self.target_layers[0]]
+            dim = heads * head_dim
+            self.reweavers = nn.ModuleDict()
+            self.kv_readers = nn.ModuleDict({str(layer): KVMemoryRead(*self._taps[layer][:2])
+                                             for layer in self.target_layers})
+        else:
+            self.reweavers = nn.ModuleDict({str(layer): ReweaveLayer(dim, cfg.reweave_heads)
+                                            for layer in self.target_layers})
+            self.kv_readers = nn.ModuleDict()
         self.scorer = ContextualScorer(dim, cfg.context_heads) if cfg.retrieval_strategy == "contextual" else None
         self.buffer = LayeredMemoryBuffer(self.target_layers, dim, cfg.max_entries_per_layer, cfg.max_total_entries,
                                           cfg.eviction_strategy)
@@ -207,7 +232,15 @@ class CMRModel(nn.Module):
                                    cfg.cache_size, cfg.max_clusters, cfg.criteria_weights, self.scorer,
                                    center=cfg.center_keys)
         self.relevance_threshold = cfg.relevance_threshold
-        self._handles = [self.blocks[layer].register_forward_hook(self._hook(layer)) for layer in self.target_layers]
+        if self.kv:
+            self._handles = [h for layer in self.target_layers for h in (
+                self.blocks[layer].attn.c_attn.register_forward_hook(self._qkv_hook(layer)),
+                self.blocks[layer].attn.c_proj.register_forward_pre_hook(self._read_hook(layer)))]
+        else:
+            self._handles = [self.blocks[layer].register_forward_hook(self._hook(layer))
+                             for layer in self.target_layers]
+        self._qkv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._attention_mask: torch.Tensor | None = None
         self._retrieved: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._views: dict[int, dict[str, torch.Tensor]] = {}
         self._targets: torch.Tensor | None = None
@@ -257,6 +290,53 @@ class CMRModel(nn.Module):
             return output
 
         return hook
+
+    def _qkv_hook(self, layer: int):
+        """kv_attention: keep the block's queries, keys and values (``c_attn``'s output)."""
+        def hook(module, args, output):
+            q, k, v = output.split(output.shape[-1] // 3, dim=-1)
+            self._qkv[layer] = (q, k, v)
+            if self._capture:
+                self._captured[layer] = (k.detach(), v.detach())
+            return None
+
+        return hook
+
+    def _read_hook(self, layer: int):
+        """kv_attention: extend the block's merged attention output (``c_proj``'s input) over the
+        entries each position retrieves."""
+        def hook(module, args):
+            qkv = self._qkv.pop(layer, None)
+            if layer not in self._views or qkv is None:
+                return None
+            return (self._read_kv(layer, args[0], *qkv), *args[1:])
+
+        return hook
+
+    def _read_kv(self, layer: int, a: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        reader = self.kv_readers[str(layer)]
+        if reader.closed:  # the base, bitwise; nothing is read
+            return a
+        heads, head_dim, scale = self._taps[layer]
+        B, T, _ = a.shape
+        start = time.perf_counter()
+        view = self._views[layer]
+        qh = q.reshape(B, T, heads, head_dim)
+        query = reader.memory_query(qh).detach().reshape(B, T, -1)
+        idx, valid, bias = self.retriever.retrieve_tokens(view, query, self.segment, layer, self.buffer.version[layer])
+        self.stats["retrieval_s"] += time.perf_counter() - start
+        with torch.no_grad():
+            self._token_stats(layer, view, idx, valid)
+        N = view["mask"].shape[1]
+        picked = torch.zeros(B, T, N, dtype=torch.bool, device=a.device).scatter(-1, idx.to(a.device), valid.to(a.device))
+        score_bias = None
+        if self.config.retrieval_strategy == "contextual":  # the learned score joins the logits, so it trains
+            score_bias = torch.zeros(B, T, N, dtype=a.dtype, device=a.device).scatter(
+                -1, idx.to(a.device), bias.to(a.dtype).masked_fill(~valid.to(a.device), 0.0))
+        mem_k = view["states"].to(a.device).reshape(B, N, heads, head_dim)
+        mem_v = view["values"].to(a.device).reshape(B, N, heads, head_dim)
+        return reader(a, qh, k.reshape(B, T, heads, head_dim), mem_k, mem_v, picked, scale,
+                      self._attention_mask, score_bias)
 
     def _reweave_tokens(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """Per-token retrieval and reweaving for one layer (inside the block's forward hook)."""
@@ -347,12 +427,14 @@ class CMRModel(nn.Module):
     def _store(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         next_tokens = _next_tokens(input_ids, attention_mask)  # the same for every layer
         for layer, h in self._captured.items():
+            if self.kv:  # (key, value) of every position; the key is what retrieval scores
+                h, kv_values = h
             B, T, d = h.shape
             valid = torch.ones(B, T, dtype=torch.bool, device=h.device) if attention_mask is None else attention_mask.bool()
             self._summary[layer] = (h * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
             score = relevance_scores(h, self.config.scoring_method)
             keep = (score >= self.relevance_threshold) & valid
-            values = h
+            values = kv_values if self.kv else h
             if self.config.memory_values != "self":  # (state, what came next): the last position waits
                 if self.config.memory_values == "next":
                     values = torch.cat([h[:, 1:], torch.zeros_like(h[:, :1])], 1)
@@ -386,9 +468,13 @@ class CMRModel(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [batch, seq] tensor, got {shape}")
+        if self.kv and kwargs.get("past_key_values") is not None:
+            raise ValueError("reconstruction_method='kv_attention' recomputes each segment's local attention "
+                             "and cannot extend a past_key_values cache; pass whole segments")
         start = time.perf_counter()
         self._retrieved, self._views = {}, {}
         self._targets = None
+        self._attention_mask = attention_mask
         if use_memory:
             if self.config.retrieval_mode == "token":
                 batch = input_ids.shape[0]
@@ -406,6 +492,7 @@ class CMRModel(nn.Module):
         finally:
             self._capture = False
             self._retrieved, self._views, self._targets = {}, {}, None
+            self._qkv, self._attention_mask = {}, None
         if use_memory:
             self._store(input_ids, attention_mask)
             self.segment += 1
@@ -427,6 +514,14 @@ class CMRModel(nn.Module):
         new position retrieves with its own state; per-segment mode: the memories retrieved for
         the prompt are reweaved at every step."""
         self._retrieved, self._views = {}, {}
+        if self.kv and use_memory:
+            if kwargs.get("use_cache"):
+                raise ValueError("reconstruction_method='kv_attention' generates without the base's KV cache "
+                                 "(each step recomputes the local attention it extends); drop use_cache=True")
+            if kwargs.get("attention_mask") is not None:
+                raise ValueError("reconstruction_method='kv_attention' generates unpadded prompts only; "
+                                 "drop attention_mask")
+            kwargs["use_cache"] = False
         if use_memory:
             if self.config.retrieval_mode == "token":
                 self._views = {layer: self.buffer.padded(layer, input_ids.shape[0]) for layer in self.target_layers
@@ -436,7 +531,7 @@ class CMRModel(nn.Module):
         try:
             return self.base.generate(input_ids=input_ids, **kwargs)
         finally:
-            self._retrieved, self._views = {}, {}
+            self._retrieved, self._views, self._qkv = {}, {}, {}
 
     def memory_stats(self) -> dict[str, Any]:
         s = self.stats
@@ -491,6 +586,19 @@ class IntegratedCMRModel(CMRModel):
     """The seed's name: as :class:`FullCMRModel` with ``scoring_method='hybrid'``."""
 
     _defaults = {"scoring_method": "hybrid", "layer_indexing": "hidden_states"}
+
+
+def _attention_taps(block: nn.Module, layer: int) -> tuple[int, int, float]:
+    """``(heads, head_dim, logit scale)`` of a GPT-2-style block (``attn.c_attn`` producing the
+    fused q|k|v, ``attn.c_proj`` reading the merged heads), the layout kv_attention hooks into."""
+    attn = getattr(block, "attn", None)
+    if attn is None or not hasattr(attn, "c_attn") or not hasattr(attn, "c_proj") or \
+            getattr(attn, "is_cross_attention", False) or not hasattr(attn, "num_heads"):
+        raise ValueError(f"reconstruction_method='kv_attention' needs GPT-2-style attention (block.attn.c_attn / "
+                         f"block.attn.c_proj); block {layer} is a {type(block).__name__}. Use "
+                         "reconstruction_method='cross_attention' for other models")
+    heads, head_dim = int(attn.num_heads), int(attn.head_dim)
+    return heads, head_dim, float(getattr(attn, "scaling", head_dim ** -0.5))
 
 
 def _base_from_config(config) -> nn.Module:
