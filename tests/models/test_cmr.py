@@ -5,7 +5,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from mnnn.memory.layered import LayeredMemoryBuffer  # noqa: E402
-from mnnn.memory.retrieval import Retriever  # noqa: E402
+from mnnn.memory.retrieval import ContextualScorer, Retriever  # noqa: E402
 from mnnn.models.cmr import CMRConfig, CMRModel, FullCMRModel, IntegratedCMRModel, find_blocks, train_cmr  # noqa: E402
 
 
@@ -488,6 +488,21 @@ def test_kv_read_trains_its_own_parameters_and_generates():
     assert out.shape == (2, 9)
     with pytest.raises(ValueError, match="use_cache"):
         model.generate(prompt, max_new_tokens=2, use_cache=True)
+
+
+def test_kv_read_contextual_scorer_starts_as_the_mean_attention_logit():
+    base = tiny_gpt2()
+    model = CMRModel(base, {**KV, "retrieval_strategy": "contextual", "context_heads": base.config.n_head})
+    heads, head_dim, scale = model._taps[model.target_layers[0]]
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 5, heads * head_dim, generator=g), torch.randn(2, 7, heads * head_dim, generator=g)
+    logits = torch.einsum("bthd,bnhd->bhtn", q.view(2, 5, heads, head_dim), k.view(2, 7, heads, head_dim)) * scale
+    torch.testing.assert_close(model.scorer.score_tokens(q, k), logits.mean(1))
+    assert CMRModel(tiny_gpt2(), {"retrieval_strategy": "contextual"}).scorer.q.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="divisible"):
+        ContextualScorer(10, 3, init="identity")
+    with pytest.raises(ValueError, match="'random' or 'identity'"):
+        ContextualScorer(8, 2, init="zeros")
 
 
 def test_kv_read_bad_configs():

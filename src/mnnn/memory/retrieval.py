@@ -26,13 +26,26 @@ def _cos(query: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
 
 
 class ContextualScorer(nn.Module):
-    """A small multi-head scorer: ``score_i = mean_h (W^q_h q) . (W^k_h s_i) / sqrt(d_h)``."""
+    """A small multi-head scorer: ``score_i = mean_h (W^q_h q) . (W^k_h s_i) / sqrt(d_h)``.
 
-    def __init__(self, dim: int, heads: int = 8):
+    ``init='random'`` (PyTorch's default Linear init) or ``'identity'`` (``W^q = W^k = I``, needs
+    ``dim`` divisible by ``heads``): the scorer then starts as the mean over heads of the dot-product
+    attention logit between query and entry, which is what the KV read's queries and stored keys
+    are, so it starts from the base's own notion of relevance and learns from there."""
+
+    def __init__(self, dim: int, heads: int = 8, init: str = "random"):
         super().__init__()
+        if init not in ("random", "identity"):
+            raise ValueError(f"ContextualScorer init must be 'random' or 'identity', got {init!r}")
+        if init == "identity" and dim % heads:
+            raise ValueError(f"an identity-initialised ContextualScorer needs dim divisible by heads, got {dim} and {heads}")
         self.heads, self.head_dim = heads, max(1, dim // heads)
         self.q = nn.Linear(dim, heads * self.head_dim, bias=False)
         self.k = nn.Linear(dim, heads * self.head_dim, bias=False)
+        if init == "identity":
+            with torch.no_grad():
+                self.q.weight.copy_(torch.eye(dim))
+                self.k.weight.copy_(torch.eye(dim))
 
     def score_tokens(self, query: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """Batched: ``query [B, T, d]``, ``states [B, N, d]`` -> ``[B, T, N]``."""
