@@ -205,3 +205,23 @@ def test_in_place_step_generates_what_the_copying_step_generates():
         assert torch.equal(state.attn_k, before.attn_k)  # the default step leaves its input alone
         _, same = model.step(torch.tensor([1]), state, inplace=True)
         assert same.attn_k.data_ptr() == state.attn_k.data_ptr() and torch.equal(same.attn_k, copied.attn_k)
+
+
+def test_output_memory_over_text_native_reads_its_embedding_space_features():
+    """hidden 16 != embed 8: the memory wraps the base's head_features, so with the memory off the
+    wrapper is the base exactly (log-probabilities and NLL)."""
+    from mnnn.models.memory_lm import OutputMemoryLM
+
+    base = _tiny_text().double().eval()
+    model = OutputMemoryLM(base, memory_size=12, memory_top_k=3).double().eval()
+    tokens, targets = torch.randint(0, 50, (2, 9)), torch.randint(0, 50, (2, 9))
+    logits, _ = base(tokens)
+    want = torch.log_softmax(logits, -1)
+    model.set_memory_enabled(False)
+    got, _ = model(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    nll, nll_base, _ = model(tokens, targets=targets)
+    torch.testing.assert_close(nll, -want.gather(-1, targets[..., None])[..., 0], rtol=1e-10, atol=1e-10)
+    model.set_memory_enabled(True)
+    mixed, _ = model(tokens)  # the memory keys are 8-wide: it runs and mixes
+    assert mixed.shape == want.shape and not torch.allclose(mixed, want)

@@ -61,13 +61,17 @@ class OutputMemoryLM(TokenLM):
                 "memory_gain_nats": om["memory_gain_nats"], "mean_lambda": om["mean_lambda"]}
 
     def features(self, tokens, state: MemoryLMState | None = None):
+        """The base's features mapped into the tied embedding's space (its ``head_features``: an
+        SSMN projects hidden -> embed); the memory is keyed on these, and this model's own head
+        multiplies them by the embedding directly."""
         state = self.init_state(tokens.shape[0]) if state is None else state
         feats, base = self.base.features(tokens, state.base)
-        return feats, MemoryLMState(base=base, cache=state.cache)
+        return self.base.head_features(feats), MemoryLMState(base=base, cache=state.cache)
 
     def forward(self, tokens, state: MemoryLMState | None = None, targets=None):
         state = self.init_state(tokens.shape[0]) if state is None else state
-        feats, base = self.base.features(tokens, state.base)
+        feats, state = self.features(tokens, state)
+        base = state.base
         if targets is None:
             out, cache = self.output_memory(feats, tokens, self.head(feats), state.cache)
         else:
