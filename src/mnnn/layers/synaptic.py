@@ -68,7 +68,19 @@ class SynapticMemory(nn.Module):
             self.alpha = nn.Linear(d_model, num_heads) if plasticity_rule == "gated_delta" else None
             if self.alpha is not None:
                 nn.init.constant_(self.alpha.bias, 4.0)  # alpha ~ 0.98: a long memory to start from
-        self.stats: dict[str, float] = {}
+        self._stats: dict[str, float] = {}
+        self._pending: tuple | None = None
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """synaptic_energy, synaptic_update_magnitude and gate_mean of the last call's last
+        update; computed when read, so the step path spends nothing on them per token."""
+        if self._pending is not None:
+            fn, args = self._pending
+            self._pending = None
+            with torch.no_grad():
+                self._stats = fn(*args)
+        return self._stats
 
     def init_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.out.weight
@@ -100,6 +112,11 @@ class SynapticMemory(nn.Module):
             self._record_delta(S, S, beta.new_zeros(beta.shape[:1] + beta.shape[2:]))
             return self.out(torch.einsum("bthk,bhkv->bthv", q, S).flatten(2)), (S, conv)
         T = x.shape[1]
+        if T == 1:  # the step path
+            o_last, S_new = delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta[:, 0],
+                                            None if alpha is None else alpha[:, 0], S)
+            self._record_delta(S_new, S, beta[:, 0])
+            return self.out(o_last.flatten(1))[:, None], (S_new, conv)
         a = (lambda sl: None) if alpha is None else (lambda sl: alpha[:, sl])
         # the last step runs alone so that the statistics see the last update exactly
         o_head, S_prev = delta_rule(q[:, : T - 1], k[:, : T - 1], v[:, : T - 1], beta[:, : T - 1],
@@ -110,11 +127,8 @@ class SynapticMemory(nn.Module):
         r = torch.cat([o_head, o_last[:, None]], dim=1)
         return self.out(r.flatten(2)), (S_new, conv)
 
-    @torch.no_grad()
     def _record_delta(self, S, S_prev, beta) -> None:
-        self.stats = {"synaptic_energy": float(S.pow(2).mean()),
-                      "synaptic_update_magnitude": float((S - S_prev).pow(2).mean().sqrt()),
-                      "gate_mean": float(beta.mean())}
+        self._pending = (_delta_stats, (S.detach(), S_prev.detach(), beta.detach()))
 
     def _project(self, x: torch.Tensor):
         shape = x.shape[:-1] + (3, self.num_heads, self.head_dim)
@@ -148,12 +162,20 @@ class SynapticMemory(nn.Module):
         self._record(new_state, k, v, g)
         return self.out(r.flatten(1)), (new_state, conv)
 
-    @torch.no_grad()
     def _record(self, W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> None:
-        # the last update dW_T = W_T - W_{T-1} = -g lam W_{T-1} + g eta k v^T, with W_{T-1} recovered
-        write = (g * self.eta)[..., None, None] * k[..., :, None] * v[..., None, :]
-        decay = (1.0 - g * self.lam)[..., None, None]
-        prev = (W - write) / decay
-        self.stats = {"synaptic_energy": float(W.pow(2).mean()),
-                      "synaptic_update_magnitude": float((W - prev).pow(2).mean().sqrt()),
-                      "gate_mean": float(g.mean())}
+        self._pending = (_hebbian_stats, (W.detach(), k.detach(), v.detach(), g.detach(), self.eta, self.lam))
+
+
+def _delta_stats(S: torch.Tensor, S_prev: torch.Tensor, beta: torch.Tensor) -> dict[str, float]:
+    return {"synaptic_energy": float(S.pow(2).mean()),
+            "synaptic_update_magnitude": float((S - S_prev).pow(2).mean().sqrt()),
+            "gate_mean": float(beta.mean())}
+
+
+def _hebbian_stats(W, k, v, g, eta: float, lam: float) -> dict[str, float]:
+    # the last update dW_T = W_T - W_{T-1} = -g lam W_{T-1} + g eta k v^T, with W_{T-1} recovered
+    write = (g * eta)[..., None, None] * k[..., :, None] * v[..., None, :]
+    prev = (W - write) / (1.0 - g * lam)[..., None, None]
+    return {"synaptic_energy": float(W.pow(2).mean()),
+            "synaptic_update_magnitude": float((W - prev).pow(2).mean().sqrt()),
+            "gate_mean": float(g.mean())}

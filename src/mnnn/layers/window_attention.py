@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnnn.layers.rotary import rotate
+from mnnn.layers.rotary import rotate_span
 from mnnn.ops.window_attention import WindowCache, window_attention, window_attention_step
 
 
@@ -22,7 +22,17 @@ class WindowAttention(nn.Module):
         self.head_dim = d_model // num_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.last_entropy = float("nan")
+        self._entropy = float("nan")
+        self._pending_probs: torch.Tensor | None = None
+
+    @property
+    def last_entropy(self) -> float:
+        """Entropy (nats) of the newest position's attention over the window, mean over heads;
+        computed when read (the step path keeps only the weights it used)."""
+        if self._pending_probs is not None:
+            p, self._pending_probs = self._pending_probs, None
+            self._entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+        return self._entropy
 
     def init_state(self, batch_size: int) -> WindowCache:
         return WindowCache.empty(batch_size, self.window, self.num_heads, self.head_dim, self.head_dim,
@@ -30,9 +40,9 @@ class WindowAttention(nn.Module):
 
     def _qkv(self, x: torch.Tensor, start: int):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
-        pos = torch.arange(start, start + T, device=x.device)
-        return rotate(q, pos), rotate(k, pos), v
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim)
+        q, k = rotate_span(qkv[:, :, :2], start).unbind(2)  # q and k in one rotation
+        return q, k, qkv[:, :, 2]
 
     def forward(self, x: torch.Tensor, cache: WindowCache | None = None):
         cache = self.init_state(x.shape[0]) if cache is None else cache
@@ -44,7 +54,7 @@ class WindowAttention(nn.Module):
     def step(self, x_t: torch.Tensor, cache: WindowCache):
         q, k, v = self._qkv(x_t[:, None], int(cache.count))
         o, cache, p = window_attention_step(q[:, 0], k[:, 0], v[:, 0], cache, return_probs=True)
-        self._set_entropy(p)  # from the weights just used: no second attention pass
+        self._pending_probs = p.detach()  # the weights just used: no second attention pass, no work until read
         return self.out(o.flatten(1)), cache
 
     @torch.no_grad()
@@ -52,9 +62,4 @@ class WindowAttention(nn.Module):
         """Entropy (nats) of the newest position's attention over the window, mean over heads."""
         n = min(int(cache.count), self.window)
         keys = cache.k if n == self.window else cache.k[:, :n]
-        self._set_entropy(torch.softmax(torch.einsum("bhk,bjhk->bhj", q_last, keys) / self.head_dim**0.5, dim=-1))
-
-    @torch.no_grad()
-    def _set_entropy(self, p: torch.Tensor) -> None:
-        """``last_entropy`` = entropy (nats) of attention weights ``p [B, H, n]``, mean over heads."""
-        self.last_entropy = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean())
+        self._pending_probs = torch.softmax(torch.einsum("bhk,bjhk->bhj", q_last, keys) / self.head_dim**0.5, dim=-1)
