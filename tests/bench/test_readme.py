@@ -63,3 +63,30 @@ def test_stale_results_are_refused(tmp_path, capsys):
     assert "old" in readme.read_text() and "0.7" not in readme.read_text()
     out = capsys.readouterr().out
     assert "stale" in out and "src/model.py" in out
+
+
+def test_prose_figures_must_come_from_the_section_results(tmp_path):
+    from mnnn.bench.readme import unsourced_figures
+
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "copy.md").write_text("| model | acc |\n|---|---|\n| lstm | 0.8125 |\n")
+    (res / "copy.json").write_text(json.dumps({"results": [{"model": "lstm", "accuracy": 0.8125, "steps": 2496}]}))
+    (res / "lm.json").write_text(json.dumps({"results": [{"valid_ppl": 261.5}]}))
+    readme = tmp_path / "README.md"
+    readme.write_text("## Copy\n<!-- bench:copy -->x<!-- /bench:copy -->\n"
+                      "The LSTM reaches 0.81 (81 %) after 2,496 steps; `0.123` in code is not prose; "
+                      "by hand: 0.777, and 261.5 belongs to another section.\n"
+                      "## Status\nHTTP 409 is not a measurement; 261.5 is the lm suite's.\n")
+    found = unsourced_figures(readme, res)
+    assert found == [("## Copy", "0.777"), ("## Copy", "261.5")]
+
+
+def test_the_readme_prose_holds_no_hand_typed_figure():
+    """Every measured figure in the README's prose is one a suite wrote (docs/bench)."""
+    from pathlib import Path
+
+    from mnnn.bench.readme import unsourced_figures
+
+    root = Path(__file__).resolve().parents[2]
+    assert unsourced_figures(root / "README.md", root / "docs" / "bench") == []

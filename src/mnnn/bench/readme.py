@@ -8,6 +8,12 @@ Markers whose results are missing are left as they are (and listed); results mea
 uncommitted code (``dirty``) or an unknown revision are refused (and listed), and so are stale
 results: those whose ``sources`` (the mnnn files the suite had imported) differ between the
 result's revision and the working tree, so a table cannot outlive the code it measured.
+
+``--check-prose`` lists the figures in the README's prose (outside the generated tables, code
+and inline code) that no result of its section holds: every measured figure in the text must be
+one a suite wrote (a table's cell, or a value of its JSON, at the precision the text prints it,
+also read as a percentage or in thousands or millions). Figures that are not measurements (HTTP
+status codes, an address, a dataset's years) are listed in ``NOT_MEASUREMENTS`` with why.
 """
 
 from __future__ import annotations
@@ -17,6 +23,70 @@ import json
 import re
 import subprocess
 from pathlib import Path
+
+
+# figures the prose may print that no suite measures, with the reason
+NOT_MEASUREMENTS: dict[str, str] = {
+    "0.001": "the seed's AMN learning rate (its quick-start setting)",
+    "409": "an HTTP status code",
+    "413": "an HTTP status code",
+    "127.0": "the loopback address 127.0.0.1",
+    "8192": "zoology's MQAR vocabulary (the recipe the grid scales down)",
+    "2004": "the first year of the goog series",
+    "2008": "the last year of the goog series",
+}
+
+FIGURE = re.compile(r"(?<![\w.])\d{1,3}(?:,\d{3})+(?:\.\d+)?|(?<![\w.])\d+\.\d+|(?<![\w.-])\d{3,}(?![\w])")
+BLOCK = re.compile(r"<!-- bench:([\w-]+) -->.*?<!-- /bench:\1 -->", re.S)
+
+
+def _numbers(value, out: set[float]) -> set[float]:
+    if isinstance(value, bool):
+        return out
+    if isinstance(value, (int, float)):
+        if value == value and abs(value) != float("inf"):
+            out.add(abs(float(value)))
+    elif isinstance(value, dict):
+        for v in value.values():
+            _numbers(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _numbers(v, out)
+    return out
+
+
+def _suite_numbers(suite: str, results: Path) -> set[float]:
+    stem = suite.replace("-", "_")
+    out: set[float] = set()
+    if (results / f"{stem}.json").exists():
+        _numbers(json.loads((results / f"{stem}.json").read_text()), out)
+    if (results / f"{stem}.md").exists():
+        out.update(abs(float(m)) for m in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", (results / f"{stem}.md").read_text()))
+    return out
+
+
+def _printed_as(figure: str, values: set[float]) -> bool:
+    text = figure.replace(",", "")
+    value = float(text)
+    half = 0.5 * 10 ** -(len(text.split(".")[1]) if "." in text else 0)
+    return any(abs(v * scale - value) <= half + 1e-9 for v in values for scale in (1, 100, 1e-3, 1e-6, 1e3))
+
+
+def unsourced_figures(readme: Path, results: Path) -> list[tuple[str, str]]:
+    """(section heading, figure) for every figure in the prose of ``readme`` that no result of
+    its section (the suites whose tables it holds; every suite for a section without tables)
+    prints or records. Each ``##``/``###`` heading starts a section."""
+    every = {p.stem.replace("_", "-") for p in results.glob("*.json")}
+    found = []
+    for section in re.split(r"(?m)^(?=#{2,3} )", readme.read_text()):
+        suites = BLOCK.findall(section) or sorted(every)
+        values = set().union(*(_suite_numbers(s, results) for s in suites))
+        prose = BLOCK.sub("", section)
+        prose = re.sub(r"`[^`]*`", "", re.sub(r"```.*?```", "", prose, flags=re.S))
+        heading = section.splitlines()[0] if section.strip() else ""
+        found += [(heading, m) for m in FIGURE.findall(prose)
+                  if m not in NOT_MEASUREMENTS and not _printed_as(m, values)]
+    return found
 
 
 class DirtyResult(ValueError):
@@ -86,7 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="runs/bench", help="folder with <suite>.md/.json (default: runs/bench)")
     parser.add_argument("--readme", default="README.md", help="file with the markers (default: README.md)")
+    parser.add_argument("--check-prose", action="store_true",
+                        help="splice nothing; list the prose figures no result holds and exit 1 if there are any")
     args = parser.parse_args(argv)
+    if args.check_prose:
+        found = unsourced_figures(Path(args.readme), Path(args.results))
+        for heading, figure in found:
+            print(f"unsourced: {figure} in {heading or 'the introduction'}")
+        return 1 if found else 0
     missing = update(Path(args.readme), Path(args.results))
     if missing:
         print(f"no results for: {', '.join(missing)} (left as they were)")

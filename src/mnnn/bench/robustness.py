@@ -122,7 +122,9 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
              {"model": "ridge on lags (baseline)", "runs": len(baselines),
               "min_r2": min(b["ridge_on_lags"] for b in baselines),
               "max_r2": max(b["ridge_on_lags"] for b in baselines)}]
-    payload = {**base, "results": rows, "runs": runs, "baselines": baselines, "epochs": c["epochs"]}
+    # provenance again at the end: ``sources`` then lists the modules the fits imported as well
+    payload = {**base, **provenance(c), "results": rows, "runs": runs, "baselines": baselines,
+               "epochs": c["epochs"]}
     write_json(out_dir / "robustness.json", payload)
     columns = ["model", "runs", "min_r2", "median_r2", "max_r2", f"runs_ge_{c['threshold']}", "median_fit_s"]
     note = (f"\n{len(c['random_states'])} initialisations (random_state {c['random_states'][0]}.."

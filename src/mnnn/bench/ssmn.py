@@ -246,7 +246,8 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     standard = _standard(cfg["standard"])
     text = _text(cfg["text"])
     results = quality + kernels + [standard] + text
-    payload = {**base, "results": results}
+    # provenance again at the end: ``sources`` then lists the modules the runs imported as well
+    payload = {**base, **provenance(cfg), "results": results}
     write_json(out_dir / "ssmn.json", payload)
     md = markdown_table(quality, ["task", "variant", "epochs", "initialisations", "r2", "r2_min", "baseline",
                                   "baseline_r2"])
