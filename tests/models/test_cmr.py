@@ -503,3 +503,25 @@ def test_kv_read_bad_configs():
     model = CMRModel(tiny_gpt2(), KV)
     with pytest.raises(ValueError, match="past_key_values"):
         model(_segments()[0], past_key_values=object())
+
+
+def test_train_cmr_gives_the_contextual_scorer_its_own_learning_rate():
+    from mnnn.models.cmr import train_cmr
+
+    base = tiny_gpt2()
+    model = CMRModel(base, {**KV, "retrieval_strategy": "contextual", "context_heads": base.config.n_head})
+    groups = model.optimizer_groups(3e-3, 3e-4)
+    scorer = {id(p) for p in model.scorer.parameters()}
+    assert [g["lr"] for g in groups] == [3e-3, 3e-4] and {id(p) for p in groups[1]["params"]} == scorer
+    assert sum(len(g["params"]) for g in groups) == len(model.cmr_parameters())
+    assert len(model.optimizer_groups(3e-3)) == 1  # no scorer rate: one group, as before
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(5))
+    train_cmr(model, ids, segment_len=8, steps=6, learning_rate=1e-2, batch_size=2, scorer_learning_rate=0.0)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("kv_readers.") for n in moved)
+    assert not any(n.startswith("scorer.") or n.startswith("base.") for n in moved)  # rate 0: the scorer stays
+    with pytest.raises(ValueError, match="scorer_learning_rate"):
+        model.optimizer_groups(1e-3, -1.0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        model.optimizer_groups(0.0)

@@ -205,12 +205,7 @@ def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str, lr: float 
                        scorer_lr: float | None = None) -> list[float]:
     """AdamW over the CMR parameters at ``lr``; the contextual scorer's at ``scorer_lr`` when given."""
     g = torch.Generator().manual_seed(2)
-    scorer = {id(p) for p in model.scorer.parameters()} if model.scorer is not None else set()
-    params = model.cmr_parameters()
-    groups = [{"params": [p for p in params if id(p) not in scorer], "lr": lr}]
-    if scorer:
-        groups.append({"params": [p for p in params if id(p) in scorer], "lr": lr if scorer_lr is None else scorer_lr})
-    opt = torch.optim.AdamW(groups, lr=lr)
+    opt = torch.optim.AdamW(model.optimizer_groups(lr, lr if scorer_lr is None else scorer_lr), lr=lr)
     losses = []
     for _ in tqdm(range(c["cmr_steps"]), desc=desc, disable=not progress):
         model.train()
