@@ -1,10 +1,12 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from mnnn.data.synthetic import delayed_recall, noisy_sine
 from mnnn.estimators import SparseStreamMemoryNetwork
-from mnnn.models.ssmn import SSMNNetwork, TextNativeSSMN
+from mnnn.models.ssmn import SSMNNetwork, TextNativeSSMN, TextNativeSSMNNetwork, analyze_synaptic_state
 from mnnn.state import step_through
 from tests.harness import check_streaming
 
@@ -57,7 +59,9 @@ def test_generation_reproducible_and_validated():
     assert probs.shape == (50,) and abs(probs.sum() - 1) < 1e-6
     stats = net.analyze_synaptic_state()
     assert set(stats) >= {"energy", "num_active_modes", "spectral_radius", "sparsity"}
-    assert 0 <= net.window_fill <= 1 and net.attention_entropy >= 0
+    # the last read (generate's prefill of 3 tokens) attends over 3 slots: entropy in (0, log 3]
+    assert net.window_fill == pytest.approx(3 / net.core.window)
+    assert 0 < net.attention_entropy <= math.log(3) + 1e-6
     with pytest.raises(ValueError, match="empty"):
         net.generate_sequence([], max_length=3)
     with pytest.raises(ValueError, match=r"\[0, 50\)"):
@@ -73,7 +77,7 @@ def test_standard_ssmn_sine_r2():
     model = SparseStreamMemoryNetwork(hidden_dim=64, num_layers=2, random_state=0).fit(Xtr, ytr, epochs=10)
     assert model.score(Xte, yte) >= 0.95
     stats = model.analyze_synaptic_state()
-    assert stats["spectral_radius"] >= 0 and model.window_fill == 1.0
+    assert stats["spectral_radius"] > 0 and model.window_fill == 1.0
     assert model.synaptic_energy > 0 and model.synaptic_update_magnitude > 0
 
 
@@ -225,3 +229,23 @@ def test_output_memory_over_text_native_reads_its_embedding_space_features():
     model.set_memory_enabled(True)
     mixed, _ = model(tokens)  # the memory keys are 8-wide: it runs and mixes
     assert mixed.shape == want.shape and not torch.allclose(mixed, want)
+
+
+def test_analyze_synaptic_state_against_a_full_eigendecomposition():
+    """Spectral radius (power iteration) against eigvals, active modes against the singular
+    values, energy and sparsity against their definitions, on planted fast weights."""
+    g = torch.Generator().manual_seed(0)
+    K = 6
+    Q = torch.randn(2, K, K, generator=g, dtype=torch.float64) + 3 * torch.eye(K, dtype=torch.float64)
+    lams = torch.tensor([[4.0, 1.0, 0.5, 0.2, 0.01, 0.0], [2.5, -1.0, 0.3, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    M = Q @ torch.diag_embed(lams) @ torch.linalg.inv(Q)  # W = S^T per head, dominant eigenvalue known
+    state = TextNativeSSMNNetwork(50, 16, 2 * K, 8, num_layers=1, plastic_ratio=1.0, num_heads=2).init_state(1)
+    state.synaptic = M.transpose(-1, -2)[None, None].float()  # [P=1, B=1, H=2, K, K]
+    stats = analyze_synaptic_state(state, iterations=200)
+    W = state.synaptic[:, 0].double()
+    radius = torch.linalg.eigvals(W.transpose(-1, -2).reshape(-1, K, K)).abs().amax(-1).mean()
+    assert stats["spectral_radius"] == pytest.approx(float(radius), rel=1e-4) and float(radius) == pytest.approx(3.25)
+    sv = torch.linalg.svdvals(W.transpose(-1, -2).reshape(-1, K, K))
+    assert stats["num_active_modes"] == pytest.approx(float((sv > 0.01 * sv[:, :1]).sum(1).double().mean()))
+    assert stats["energy"] == pytest.approx(float(W.pow(2).mean()), rel=1e-6)
+    assert stats["sparsity"] == pytest.approx(float((W.abs() < 1e-3 * W.abs().max()).double().mean()))
