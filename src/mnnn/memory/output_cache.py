@@ -201,13 +201,11 @@ class OutputMemory(nn.Module):
         slot = torch.arange(filled, device=q.device)
         entry = c - 1 - ((c - 1 - slot) % M)  # absolute index held by each ring slot
         ring_ok = t[:, None] <= entry[None, :] + M - c  # [T, filled]
-        ring_scores = (q @ keys[:, :filled].transpose(1, 2)).masked_fill(~ring_ok, float("-inf"))
         i = torch.arange(max(T - 1, 0), device=q.device)
         seg_ok = (i[None, :] < t[:, None]) & (t[:, None] - i[None, :] <= M)  # [T, T-1]
-        seg_scores = (q @ q[:, : T - 1].transpose(1, 2)).masked_fill(~seg_ok, float("-inf"))
-        scores = torch.cat([ring_scores, seg_scores], dim=-1)
+        ok = torch.cat([ring_ok, seg_ok], dim=1)  # [T, C], the same for every stream
         cand_values = torch.cat([values[:, :filled], tokens[:, 1:]], dim=1)  # [B, C]
-        C = scores.shape[-1]
+        C = filled + max(T - 1, 0)
         if C == 0:
             out = lp_lm if targets is None else (-lp_y,) * 2
             if targets is not None:
@@ -217,7 +215,7 @@ class OutputMemory(nn.Module):
                     self._stats["nll_lm"] += float(out[1].sum())
         else:
             k = min(self.top_k, C)
-            top, idx = scores.topk(k, dim=-1)  # [B, T, k]
+            top, idx = _TopKScores.apply(q, keys[:, :filled], ok, k)  # [B, T, k]
             valid = torch.isfinite(top)
             ids = cand_values[:, None, :].expand(B, T, C).gather(-1, idx)
             w = torch.softmax((theta * top.masked_fill(~valid, 0.0)).masked_fill(~valid, -1e4), dim=-1) * valid
@@ -243,7 +241,7 @@ class OutputMemory(nn.Module):
                 mixed = torch.logaddexp(log_1m + lp_y, log_lam + p_mem_y.clamp_min(_TINY).log())
                 nll = -torch.where(has, mixed, lp_y)
                 out = (nll, -lp_y)
-                self._record(scores, cand_values, ids, w, valid, has, targets, log_lam, nll, -lp_y)
+                self._record(ok, cand_values, ids, w, valid, has, targets, log_lam, nll, -lp_y)
         if self.datastore is not None:
             out = self._read_datastore(q, out, targets)
         last = q[:, -1]
@@ -291,12 +289,15 @@ class OutputMemory(nn.Module):
         return nll, nll_lm
 
     @torch.no_grad()
-    def _record(self, scores, cand_values, ids, w, valid, has, targets, log_lam, nll, nll_lm) -> None:
+    def _record(self, ok, cand_values, ids, w, valid, has, targets, log_lam, nll, nll_lm) -> None:
+        """``ok [T, C]``: which candidates each position may read (the same for every stream)."""
         s = self._stats
-        B, T, C = scores.shape
-        cand_ok = torch.isfinite(scores)  # [B, T, C]
-        n_cand = cand_ok.sum(-1).float()
-        match = ((cand_values[:, None, :] == targets[..., None]) & cand_ok).sum(-1).float()
+        B, T = targets.shape
+        n_cand = ok.sum(-1).float()  # [T]
+        # candidates holding the target, counted as bytes: a bool sum would first copy the
+        # [B, T, C] mask to int64
+        same = (cand_values[:, None, :] == targets[..., None]) & ok
+        match = same.view(torch.uint8).sum(-1, dtype=torch.int32).float()
         frac = torch.where(has, match / n_cand.clamp_min(1), torch.zeros_like(match))
         k_eff = valid.sum(-1).float()
         hit = ((ids == targets[..., None]) & valid).any(-1) & has
@@ -310,3 +311,46 @@ class OutputMemory(nn.Module):
         s["lambda"] += float(torch.where(has, log_lam.exp(), torch.zeros_like(log_lam)).sum())
         s["nll"] += float(nll.sum())
         s["nll_lm"] += float(nll_lm.sum())
+
+
+class _TopKScores(torch.autograd.Function):
+    """The k best scores ``q_t . key_c`` of each query ``q [B, T, D]`` among its allowed candidates
+    (``ok [T, C]``; ``-inf`` where fewer than k are allowed) and their candidate indices. The
+    candidates are the ring's ``ring [B, R, D]`` (stored keys), then this segment's own
+    queries ``q[:, :T-1]``.
+
+    The forward is one product against all candidates, masked in place (a single [B, T, C]
+    tensor). Autograd's own backward would pass a dense [B, T, C] gradient through top-k, the
+    mask and the product, materialising it several times, and would multiply it back against
+    the stored keys too; here it is scattered into one zero tensor and multiplied back against
+    what needs a gradient: the same gradients in about half the time."""
+
+    @staticmethod
+    def forward(ctx, q, ring, ok, k):
+        keys = torch.cat([ring, q[:, : q.shape[1] - 1]], dim=1)
+        scores = torch.bmm(q, keys.transpose(1, 2)).masked_fill_(~ok, float("-inf"))
+        top, idx = scores.topk(k, dim=-1)
+        ctx.save_for_backward(q, keys, idx, top)
+        ctx.mark_non_differentiable(idx)
+        ctx.n_ring = ring.shape[1]
+        ctx.buffer = scores if torch.is_grad_enabled() or q.requires_grad else None  # reused by backward
+        return top, idx
+
+    @staticmethod
+    def backward(ctx, g_top, _g_idx):
+        q, keys, idx, top = ctx.saved_tensors
+        g = g_top.masked_fill(torch.isinf(top), 0.0)  # an unfilled slot (-inf) carries no gradient
+        B, T, _ = q.shape
+        dense, ctx.buffer = ctx.buffer, None
+        if dense is None or dense.dtype != g.dtype:
+            dense = torch.empty(B, T, keys.shape[1], dtype=g.dtype, device=g.device)
+        dense.zero_()  # the forward's score buffer: no fresh [B, T, C] allocation
+        dense.scatter_(-1, idx, g)  # top-k indices are distinct in each row
+        R = ctx.n_ring
+        g_q = torch.bmm(dense, keys)  # as the query
+        if T > 1:  # as a candidate key of the later positions of this segment
+            g_q[:, : T - 1] += torch.bmm(dense[:, :, R:].transpose(1, 2), q)
+        g_ring = None  # stored keys are detached in training; a caller may still chain segments
+        if ctx.needs_input_grad[1]:
+            g_ring = torch.bmm(dense[:, :, :R].transpose(1, 2), q)
+        return g_q, g_ring, None, None
