@@ -3,19 +3,54 @@ import json
 from mnnn.bench.readme import update
 
 
+def _git_repo(path) -> str:
+    """A repository at ``path`` with src/model.py and src/other.py committed; returns the revision."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=path, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (path / "src").mkdir()
+    (path / "src" / "model.py").write_text("x = 1\n")
+    (path / "src" / "other.py").write_text("y = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    return git("rev-parse", "HEAD")
+
+
 def test_update_replaces_marked_tables_only(tmp_path):
+    rev = _git_repo(tmp_path)
     res = tmp_path / "res"
     res.mkdir()
     (res / "copy.md").write_text("| model | acc |\n|---|---|\n| lstm | 0.5 |\n")
-    (res / "copy.json").write_text(json.dumps({"date": "2026-11-22T00:00:00", "git_revision": "abcdef123",
-                                               "preset": "default", "machine": {"processor": "x86_64", "threads": 2,
-                                                                                 "torch": "2.13.0"}}))
+    (res / "copy.json").write_text(json.dumps({"date": "2026-11-22T00:00:00", "git_revision": rev, "dirty": False,
+                                               "sources": ["src/model.py"], "preset": "default",
+                                               "machine": {"processor": "x86_64", "threads": 2, "torch": "2.13.0"}}))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:copy -->old<!-- /bench:copy -->\n<!-- bench:mqar -->keep<!-- /bench:mqar -->\n")
     assert update(readme, res) == ["mqar"]
     text = readme.read_text()
     assert "| lstm | 0.5 |" in text and "old" not in text and "keep" in text
-    assert "git abcdef1" in text and "mnnn bench copy --preset default" in text
+    assert f"git {rev[:7]}" in text and "mnnn bench copy --preset default" in text
+
+
+def test_results_that_cannot_be_checked_are_refused(tmp_path, capsys):
+    """Results written before suites recorded ``dirty`` and ``sources`` cannot be shown fresh."""
+    rev = _git_repo(tmp_path)
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "copy.md").write_text("| model | acc |\n|---|---|\n| lstm | 0.6 |\n")
+    readme = tmp_path / "README.md"
+    for meta in ({"dirty": False}, {"sources": ["src/model.py"]}, {"dirty": False, "sources": []}):
+        (res / "copy.json").write_text(json.dumps({"date": "2026-11-22T00:00:00", "git_revision": rev,
+                                                   "preset": "default", "machine": {}, **meta}))
+        readme.write_text("<!-- bench:copy -->old<!-- /bench:copy -->\n")
+        assert update(readme, res) == []
+        assert "old" in readme.read_text() and "0.6" not in readme.read_text(), meta
+        assert "cannot be checked" in capsys.readouterr().out
 
 
 def test_dirty_results_are_refused(tmp_path, capsys):
@@ -33,20 +68,7 @@ def test_dirty_results_are_refused(tmp_path, capsys):
 
 def test_stale_results_are_refused(tmp_path, capsys):
     """A result whose measured sources changed after its revision is not spliced."""
-    import subprocess
-
-    def git(*args):
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
-
-    git("init", "-q")
-    git("config", "user.email", "t@t")
-    git("config", "user.name", "t")
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "model.py").write_text("x = 1\n")
-    (tmp_path / "src" / "other.py").write_text("y = 1\n")
-    git("add", ".")
-    git("commit", "-qm", "one")
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    rev = _git_repo(tmp_path)
     res = tmp_path / "res"
     res.mkdir()
     (res / "copy.md").write_text("| model | acc |\n|---|---|\n| lstm | 0.7 |\n")

@@ -18,6 +18,8 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
     assert payload["results"] and payload["config"] and "git_revision" in payload and "machine" in payload
     assert (tmp_path / f"{stem}.md").read_text().startswith("|")
     assert (tmp_path / f"{stem}.png").stat().st_size > 1000
+    if suite in ("copy", "selective-copy"):  # checked first: causal models, a Transformer that solves it
+        assert payload["check"]["passed"] and payload["check"]["sanity"]["accuracy"] >= 0.9
     if suite == "mqar":  # the toy preset sweeps two learning rates and keeps each model's best
         assert payload["check"]["passed"] and payload["sanity"]["accuracy"] >= 0.9
         for row in payload["results"]:
@@ -69,6 +71,40 @@ def test_mqar_fails_when_its_sanity_check_fails(tmp_path, monkeypatch, capsys):
     assert payload["sanity"]["accuracy"] < 0.5 and "sanity" in payload["check"]["failures"][0]
     assert not (tmp_path / "mqar.png").exists()
     assert "check failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite", ["copy", "selective-copy"])
+def test_copy_suites_fail_when_a_model_leaks_the_future(suite, tmp_path, monkeypatch, capsys):
+    """A model whose output at t reads token t + 1 fails the causality check: nothing is trained, exit 1."""
+    from mnnn.bench import copying
+
+    real = copying.tt.build
+
+    def build(name, *args):
+        model = real(name, *args)
+        if name == "lstm":
+            features = model.features
+            model.features = lambda x, state=None: (features(x.roll(-1, dims=1))[0], None)
+        return model
+
+    monkeypatch.setattr(copying.tt, "build", build)
+    assert main(["bench", suite, "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / f"{suite.replace('-', '_')}.json").read_text())
+    assert payload["check"]["passed"] is False and payload["results"] == []
+    assert payload["check"]["failures"][0].startswith("lstm: output before position")
+    assert not (tmp_path / f"{suite.replace('-', '_')}.png").exists()
+    assert "check failed" in capsys.readouterr().err
+
+
+def test_copy_fails_when_its_sanity_check_fails(tmp_path, monkeypatch):
+    """An untrained Transformer (learning rate 0) cannot solve even the shortest delay."""
+    from mnnn.bench import copying
+
+    monkeypatch.setitem(copying.PRESETS["toy"], "sanity", {**copying.PRESETS["toy"]["sanity"], "lr": 0.0})
+    assert main(["bench", "copy", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "copy.json").read_text())
+    assert payload["check"]["passed"] is False and payload["check"]["sanity"]["accuracy"] < 0.5
+    assert "sanity" in payload["check"]["failures"][0]
 
 
 def test_export_suite_checks_then_compares_engines(tmp_path):

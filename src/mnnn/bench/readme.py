@@ -7,7 +7,9 @@ naming the date, git revision, machine and the command that reproduces it.
 Markers whose results are missing are left as they are (and listed); results measured from
 uncommitted code (``dirty``) or an unknown revision are refused (and listed), and so are stale
 results: those whose ``sources`` (the mnnn files the suite had imported) differ between the
-result's revision and the working tree, so a table cannot outlive the code it measured.
+result's revision and the working tree, so a table cannot outlive the code it measured. Results
+that record no ``dirty`` flag or no ``sources`` (written before suites recorded them) are
+refused too: their freshness cannot be checked.
 
 ``--check-prose`` lists the figures in the README's prose (outside the generated tables, code
 and inline code) that no result of its section holds: every measured figure in the text must be
@@ -113,7 +115,11 @@ def render(suite: str, results: Path, repo: Path | None = None) -> str | None:
     if info.get("dirty") or not info.get("git_revision"):
         # measured from uncommitted code: no revision reproduces it, so it stays out of the README
         raise DirtyResult(f"{suite}: results come from a dirty or unknown revision; commit, then re-run the suite")
-    if info.get("sources") and repo is not None:
+    if repo is not None and (info.get("dirty") is None or not info.get("sources")):
+        # written before results recorded both: whether the code it measured changed since is unknown
+        raise DirtyResult(f"{suite}: the results record no dirty flag or no sources (the files the suite "
+                          "imported), so their freshness cannot be checked; re-run the suite")
+    if repo is not None:
         changed = changed_sources(info["git_revision"], info["sources"], repo)
         if changed is None:
             raise DirtyResult(f"{suite}: cannot compare revision {info['git_revision'][:7]} with this checkout")
