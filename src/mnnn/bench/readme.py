@@ -32,6 +32,7 @@ NOT_MEASUREMENTS: dict[str, str] = {
     "0.001": "the seed's AMN learning rate (its quick-start setting)",
     "409": "an HTTP status code",
     "413": "an HTTP status code",
+    "500": "an HTTP status code",
     "127.0": "the loopback address 127.0.0.1",
     "8192": "zoology's MQAR vocabulary (the recipe the grid scales down)",
     "2004": "the first year of the goog series",
