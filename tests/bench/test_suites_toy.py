@@ -20,6 +20,10 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
     assert (tmp_path / f"{stem}.png").stat().st_size > 1000
     if suite in ("copy", "selective-copy"):  # checked first: causal models, a Transformer that solves it
         assert payload["check"]["passed"] and payload["check"]["sanity"]["accuracy"] >= 0.9
+        # the memory models are scored again on the same trained model with their memory off
+        names = [r["model"] for r in payload["results"]]
+        for off in ("s3cmn (memory off)", "text_native_ssmn (fast weights off)"):
+            assert names.count(off) == len(names) // 6 and names[names.index(off) - 1] == off.split(" (")[0]
     if suite == "mqar":  # the toy preset sweeps two learning rates and keeps each model's best
         assert payload["check"]["passed"] and payload["sanity"]["accuracy"] >= 0.9
         for row in payload["results"]:

@@ -5,6 +5,9 @@
 
 Every model of :mod:`mnnn.bench.token_tasks` is trained per delay on the same examples and
 scored on held-out ones (accuracy over the reproduced tokens); accuracy vs delay is plotted.
+S3CMN and the Text-Native SSMN are scored a second time with their memory switched off (same
+trained model; rows "(memory off)" and "(fast weights off)"), so the table says whether the
+memory is what carries the tokens.
 
 Checks first, each able to fail (then nothing is trained or timed, the failure goes into the
 JSON and ``mnnn bench`` exits non-zero): every model is causal on the task's sequences (changing
@@ -51,6 +54,28 @@ def _forget(model) -> None:
     """Empty a model's module-level episodic stores (S3CMN's membrane fusion) between runs."""
     if hasattr(model, "reset_memory"):
         model.reset_memory()
+
+
+def _memory_off_accuracy(model, xt, yt) -> tuple[str, float] | None:
+    """Accuracy of the same trained model with its memory switched off (S3CMN: episodic reads and
+    writes; Text-Native SSMN: fast-weight writes, ``set_plasticity(0, lambda)``), or None for a
+    model without a memory switch. The switch is restored afterwards."""
+    if hasattr(model, "set_memory_enabled"):
+        model.set_memory_enabled(False)
+        try:
+            return "memory", tt.accuracy(model, xt, yt)
+        finally:
+            model.set_memory_enabled(True)
+    core = getattr(model, "core", None)
+    if hasattr(core, "set_plasticity") and core.synaptic_layers():
+        syn = core.synaptic_layers()[0]
+        eta, lam = syn.eta, syn.lam
+        core.set_plasticity(0.0, lam)
+        try:
+            return "fast weights", tt.accuracy(model, xt, yt)
+        finally:
+            core.set_plasticity(eta, lam)
+    return None
 
 
 def verify(task: str, c: dict, device: str, progress: bool = False) -> dict[str, Any]:
@@ -110,8 +135,13 @@ def run_task(task: str, out_dir: str | Path, preset: str, progress: bool) -> dic
                 torch.manual_seed(0)
                 model = tt.build(name, c["vocab"], c["d_model"], x.shape[1], c["window"]).to(device)
                 hist = tt.train(model, x, y, c["epochs"], c["batch"], c["lr"], pbar.update)
+                chance = 1.0 / (c["vocab"] - 3)
                 rows.append({"model": name, "delay": delay, "accuracy": tt.accuracy(model, xt, yt),
-                             "chance": 1.0 / (c["vocab"] - 3), "train_s": hist["train_s"]})
+                             "chance": chance, "train_s": hist["train_s"]})
+                off = _memory_off_accuracy(model, xt, yt)
+                if off is not None:  # the same trained model with its memory switched off
+                    rows.append({"model": f"{name} ({off[0]} off)", "delay": delay, "accuracy": off[1],
+                                 "chance": chance})
     payload = {"suite": task, "preset": preset, "check": check, "results": rows, **provenance(c)}
     write_json(out_dir / f"{stem}.json", payload)
     sanity = check["sanity"]
