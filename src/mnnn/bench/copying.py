@@ -25,6 +25,7 @@ import torch
 
 from mnnn.bench import token_tasks as tt
 from mnnn.bench.common import markdown_table, provenance, write_json
+from mnnn.bench.switches import memory_off
 from mnnn.data.tasks import copy_task, selective_copy
 
 # the sanity task: the Transformer on the shortest delay (at the default size it scores 1.000 in ~3 s)
@@ -50,32 +51,11 @@ def _make(task: str, n: int, c: dict, delay: int, seed: int):
     return selective_copy(n, c["num_tokens"], delay, c["vocab"], seed=seed)
 
 
-def _forget(model) -> None:
-    """Empty a model's module-level episodic stores (S3CMN's membrane fusion) between runs."""
-    if hasattr(model, "reset_memory"):
-        model.reset_memory()
-
-
 def _memory_off_accuracy(model, xt, yt) -> tuple[str, float] | None:
-    """Accuracy of the same trained model with its memory switched off (S3CMN: episodic reads and
-    writes; Text-Native SSMN: fast-weight writes, ``set_plasticity(0, lambda)``), or None for a
-    model without a memory switch. The switch is restored afterwards."""
-    if hasattr(model, "set_memory_enabled"):
-        model.set_memory_enabled(False)
-        try:
-            return "memory", tt.accuracy(model, xt, yt)
-        finally:
-            model.set_memory_enabled(True)
-    core = getattr(model, "core", None)
-    if hasattr(core, "set_plasticity") and core.synaptic_layers():
-        syn = core.synaptic_layers()[0]
-        eta, lam = syn.eta, syn.lam
-        core.set_plasticity(0.0, lam)
-        try:
-            return "fast weights", tt.accuracy(model, xt, yt)
-        finally:
-            core.set_plasticity(eta, lam)
-    return None
+    """Accuracy of the same trained model with its memory switched off (``switches.memory_off``),
+    with what was switched off, or None for a model without a memory switch."""
+    with memory_off(model) as what:
+        return None if what is None else (what, tt.accuracy(model, xt, yt))
 
 
 def verify(task: str, c: dict, device: str, progress: bool = False) -> dict[str, Any]:
@@ -90,9 +70,9 @@ def verify(task: str, c: dict, device: str, progress: bool = False) -> dict[str,
         torch.manual_seed(0)
         model = tt.build(name, c["vocab"], c["d_model"], x.shape[1], c["window"]).to(device).eval()
         with torch.no_grad():
-            _forget(model)
+            tt.forget(model)
             ref, _ = model.features(x)
-            _forget(model)
+            tt.forget(model)
             out, _ = model.features(changed)
         leak = float((out[:, :j] - ref[:, :j]).abs().max())
         if leak > 1e-4:
@@ -125,6 +105,7 @@ def run_task(task: str, out_dir: str | Path, preset: str, progress: bool) -> dic
         payload = {"suite": task, "preset": preset, "check": check, "results": [], **provenance(c)}
         write_json(out_dir / f"{stem}.json", payload)
         return payload
+    chance = 1.0 / (c["vocab"] - 3)  # data tokens are drawn from [3, vocab)
     rows = []
     total = len(c["delays"]) * len(c["models"]) * c["epochs"] * (c["train"] // c["batch"])
     with tt.bar(total, task, progress) as pbar:
@@ -135,7 +116,6 @@ def run_task(task: str, out_dir: str | Path, preset: str, progress: bool) -> dic
                 torch.manual_seed(0)
                 model = tt.build(name, c["vocab"], c["d_model"], x.shape[1], c["window"]).to(device)
                 hist = tt.train(model, x, y, c["epochs"], c["batch"], c["lr"], pbar.update)
-                chance = 1.0 / (c["vocab"] - 3)
                 rows.append({"model": name, "delay": delay, "accuracy": tt.accuracy(model, xt, yt),
                              "chance": chance, "train_s": hist["train_s"]})
                 off = _memory_off_accuracy(model, xt, yt)
@@ -146,23 +126,23 @@ def run_task(task: str, out_dir: str | Path, preset: str, progress: bool) -> dic
     write_json(out_dir / f"{stem}.json", payload)
     sanity = check["sanity"]
     note = (f"\nChecks passed: every model causal; the Transformer solves delay {c['sanity']['delay']} "
-            f"({sanity['accuracy']:.3f}, needs >= {c['sanity']['threshold']}). Chance: {1.0 / (c['vocab'] - 3):.3f}.\n")
+            f"({sanity['accuracy']:.3f}, needs >= {c['sanity']['threshold']}). Chance: {chance:.3f}.\n")
     (out_dir / f"{stem}.md").write_text(markdown_table(rows, ["model", "delay", "accuracy", "train_s"]) + note)
-    _plot(rows, c, task, out_dir / f"{stem}.png")
+    _plot(rows, c["models"], chance, task, out_dir / f"{stem}.png")
     return payload
 
 
-def _plot(rows, c, task, path):
+def _plot(rows, models, chance, task, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in c["models"]:
+    for name in models:
         sel = [r for r in rows if r["model"] == name]
         ax.plot([r["delay"] for r in sel], [r["accuracy"] for r in sel], "o-", label=name)
-    ax.axhline(1.0 / (c["vocab"] - 3), color="k", ls="--", label="chance")
+    ax.axhline(chance, color="k", ls="--", label="chance")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("delay (tokens)")
     ax.set_ylabel("accuracy on the copied tokens")

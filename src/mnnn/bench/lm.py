@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mnnn.bench.common import markdown_table, provenance, write_json
+from mnnn.bench.switches import fast_weights_off
 from mnnn.data.wikitext import load_split, unigram_perplexity
 from mnnn.models.lm_baselines import LSTMLM, TransformerLM
 from mnnn.models.memory_lm import OutputMemoryLM
@@ -128,11 +129,8 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         if memory:  # the same checkpoint with the memory switched off (same pass: exact)
             rows.append({"model": name + " (memory off)", **base, "valid_ppl": ev["ppl_no_memory"]})
         if isinstance(model, TextNativeSSMN):  # the same checkpoint, fast-weight writes switched off
-            syn = model.core.synaptic_layers()[0]
-            eta, lam = syn.eta, syn.lam
-            model.core.set_plasticity(0.0, lam)
-            off = evaluate_lm(model, valid, batch_size=c["batch_size"], seq_len=c["seq_len"])
-            model.core.set_plasticity(eta, lam)
+            with fast_weights_off(model.core):
+                off = evaluate_lm(model, valid, batch_size=c["batch_size"], seq_len=c["seq_len"])
             rows[-1]["model"] = name + " (fast weights on)"
             rows.append({"model": name + " (fast weights off)", **base, "valid_ppl": off["ppl"]})
         curves[name] = hist["loss"]

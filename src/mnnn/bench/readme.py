@@ -116,11 +116,11 @@ def render(suite: str, results: Path, repo: Path | None = None) -> str | None:
     if info.get("dirty") or not info.get("git_revision"):
         # measured from uncommitted code: no revision reproduces it, so it stays out of the README
         raise DirtyResult(f"{suite}: results come from a dirty or unknown revision; commit, then re-run the suite")
-    if repo is not None and (info.get("dirty") is None or not info.get("sources")):
-        # written before results recorded both: whether the code it measured changed since is unknown
-        raise DirtyResult(f"{suite}: the results record no dirty flag or no sources (the files the suite "
-                          "imported), so their freshness cannot be checked; re-run the suite")
     if repo is not None:
+        if info.get("dirty") is None or not info.get("sources"):
+            # written before results recorded both: whether the code it measured changed since is unknown
+            raise DirtyResult(f"{suite}: the results record no dirty flag or no sources (the files the suite "
+                              "imported), so their freshness cannot be checked; re-run the suite")
         changed = changed_sources(info["git_revision"], info["sources"], repo)
         if changed is None:
             raise DirtyResult(f"{suite}: cannot compare revision {info['git_revision'][:7]} with this checkout")

@@ -62,12 +62,17 @@ def state_bytes(model: nn.Module, name: str, seq_len: int) -> int:
     return total
 
 
+def forget(model: nn.Module) -> None:
+    """Empty a model's module-level episodic stores (S3CMN's membrane fusion), if it has any."""
+    if hasattr(model, "reset_memory"):
+        model.reset_memory()
+
+
 def _scored(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets at the labelled positions only (the output layer runs on those rows).
     Every row is an independent example, so module-level episodic stores (S3CMN's membrane
     fusion) are emptied first: an example never reads entries of an earlier batch's examples."""
-    if hasattr(model, "reset_memory"):
-        model.reset_memory()
+    forget(model)
     feats, _ = model.features(x)
     m = y != IGNORE
     return model.head(feats[m]), y[m]
