@@ -29,6 +29,9 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
         for row in payload["results"]:
             assert set(row["accuracy_per_lr"]) == {"0.003", "0.01"}
             assert row["accuracy"] == max(row["accuracy_per_lr"].values()) and row["state_bytes"] > 0
+            assert row["chance"] == 1 / 32  # vocab 64: values are drawn from [32, 64)
+            # memory models are scored again with their memory off; models without one are not
+            assert ("memory_off" in row) == (row["model"] not in ("transformer", "lstm"))
 
 
 def test_all_skips_suites_without_the_preset(tmp_path, capsys, monkeypatch):

@@ -3,6 +3,9 @@
 Every model of :mod:`mnnn.bench.token_tasks` is trained per (seq_len, kv pairs, d_model) on the
 same examples and scored on held-out ones (accuracy at the queried values only). Accuracy is
 plotted against d_model and against the recurrent state size (the Transformer's: its KV cache).
+Each model with a memory switch (S3CMN, the Text-Native SSMNs) is scored a second time with its
+memory off on the same trained weights (column ``memory_off``), so recall is credited to the
+mechanism that produced it.
 
 First the sanity check of task and trainer: the Transformer on (64, 4) at d_model 64, trained
 by steps with no time limit (48k examples x 8 epochs = 6,000 steps of 64 at learning rate 1e-2;
@@ -26,6 +29,7 @@ import torch
 
 from mnnn.bench import token_tasks as tt
 from mnnn.bench.common import markdown_table, provenance, write_json
+from mnnn.bench.switches import memory_off
 from mnnn.data.tasks import mqar
 
 SANITY = {"seq_len": 64, "kv_pairs": 4, "d_model": 64, "vocab": 2048, "train": 48_000, "test": 1_000,
@@ -82,8 +86,12 @@ def _fit(name: str, L: int, kv: int, d: int, data, c: dict, update, time_budget_
                     max_steps=c.get("max_steps"))
     update(hist["planned_steps"] - hist["steps"])  # steps a time budget skipped
     tail = hist["losses"][-10:]
-    return {"model": name, "seq_len": L, "kv_pairs": kv, "d_model": d, "accuracy": tt.accuracy(model, xt, yt),
-            "state_bytes": tt.state_bytes(model, name, L), "params": sum(p.numel() for p in model.parameters()),
+    acc = tt.accuracy(model, xt, yt)
+    with memory_off(model) as what:  # the same trained model, its memory switched off (no key: it has none)
+        off = {"memory_off": tt.accuracy(model, xt, yt)} if what else {}
+    return {"model": name, "seq_len": L, "kv_pairs": kv, "d_model": d, "accuracy": acc, **off,
+            # a uniform guess over the value half of the vocabulary
+            "chance": 1.0 / (c["vocab"] - c["vocab"] // 2), "state_bytes": tt.state_bytes(model, name, L), "params": sum(p.numel() for p in model.parameters()),
             "steps": hist["steps"], "train_s": hist["train_s"], "final_loss": sum(tail) / max(len(tail), 1)}
 
 
@@ -128,12 +136,16 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     write_json(out_dir / f"{stem}.json", payload)
     note = (f"\nSanity check (Transformer, ({sc['seq_len']}, {sc['kv_pairs']}), d_model {sc['d_model']}, "
             f"{sanity['steps']} steps, no time limit): accuracy {sanity['accuracy']:.4f} "
-            f"(passed, needs >= {threshold}). "
+            f"(passed, needs >= {threshold}). memory_off: the same trained model scored again with its memory "
+            "switched off (S3CMN's episodic stores, the Text-Native SSMN's fast weights; blank: no memory); "
+            "chance: a uniform guess over the value tokens; picking one of the example's "
+            f"kv_pairs values at random scores 1/kv_pairs. "
             + (f"Grid: {c['time_budget_s']} s time limit per run" if c["time_budget_s"] else "Grid: no time limit")
             + (f"; every model gets the same steps; accuracy is the best over learning rates {lrs} (lr column), "
                f"train_s is that run's time" if len(lrs) > 1 else "") + ".\n")
-    (out_dir / f"{stem}.md").write_text(markdown_table(rows, ["model", "seq_len", "kv_pairs", "d_model", "accuracy", "lr",
-                                                           "state_bytes", "steps", "train_s"]) + note)
+    columns = ["model", "seq_len", "kv_pairs", "d_model", "accuracy", "memory_off", "chance", "lr", "state_bytes",
+               "steps", "train_s"]
+    (out_dir / f"{stem}.md").write_text(markdown_table(rows, columns) + note)
     _plot(rows, c, out_dir / f"{stem}.png")
     return payload
 
