@@ -117,13 +117,14 @@ def test_the_readme_prose_holds_no_hand_typed_figure():
 def test_every_readme_table_is_what_its_committed_results_render():
     """Each marked block of the README is exactly docs/bench/<suite>.md with its provenance line:
     no table edited by hand, none spliced from results that were not committed beside it."""
-    import re
     from pathlib import Path
 
-    from mnnn.bench.readme import render
+    from mnnn.bench.readme import BLOCK, marked, render
 
     root = Path(__file__).resolve().parents[2]
-    blocks = re.findall(r"<!-- bench:([\w-]+) -->(.*?)<!-- /bench:\1 -->", (root / "README.md").read_text(), re.S)
+    blocks = list(BLOCK.finditer((root / "README.md").read_text()))
     assert len(blocks) >= 10
-    for suite, body in blocks:
-        assert body == render(suite, root / "docs" / "bench"), f"README block {suite!r} differs from docs/bench"
+    for block in blocks:
+        suite = block.group(1)
+        assert block.group(0) == marked(suite, render(suite, root / "docs" / "bench")), \
+            f"README block {suite!r} differs from docs/bench"

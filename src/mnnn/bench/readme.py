@@ -134,6 +134,11 @@ def render(suite: str, results: Path, repo: Path | None = None) -> str | None:
             f"`.venv/bin/mnnn bench {info.get('suite', suite)} --preset {info.get('preset', 'default')}`_\n")
 
 
+def marked(suite: str, body: str) -> str:
+    """``body`` between the suite's markers: the block :data:`BLOCK` finds and :func:`update` writes."""
+    return f"<!-- bench:{suite} -->{body}<!-- /bench:{suite} -->"
+
+
 def update(readme: Path, results: Path) -> list[str]:
     text = readme.read_text()
     missing: list[str] = []
@@ -149,9 +154,9 @@ def update(readme: Path, results: Path) -> list[str]:
         if body is None:
             missing.append(suite)
             return match.group(0)
-        return f"<!-- bench:{suite} -->{body}<!-- /bench:{suite} -->"
+        return marked(suite, body)
 
-    new = re.sub(r"<!-- bench:([\w-]+) -->.*?<!-- /bench:\1 -->", sub, text, flags=re.S)
+    new = BLOCK.sub(sub, text)
     if new != text:
         readme.write_text(new)
     for line in refused:
