@@ -237,3 +237,26 @@ def test_torn_metrics_line_does_not_block_resume(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
     _truncate_metrics(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n'
+
+
+@needs_data
+def test_train_cmr_over_a_trained_gpt2_base(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    short = ["--set", "training.max_steps=3", "--set", "training.time_budget_s=null", "--set", "training.seq_len=16",
+             "--set", "training.batch_size=2", "--set", "training.eval_tokens=3000", "--quiet"]
+    gpt2 = ["--set", "model.n_embd=16", "--set", "model.n_head=2", "--set", "model.n_positions=16"]
+    assert main(["train", "--config", "gpt2", "--out", str(tmp_path / "gpt2"), *short, *gpt2]) == 0
+    base = tmp_path / "gpt2" / "checkpoint.safetensors"
+    assert main(["train", "--config", "cmr", "--out", str(tmp_path / "cmr"), "--set", f"model.base={base}",
+                 *short]) == 0
+    assert "cmr: " in capsys.readouterr().out
+    ckpt = str(tmp_path / "cmr" / "checkpoint.safetensors")
+    scores = {}
+    for name, path, extra in (("base", str(base), []), ("on", ckpt, []), ("off", ckpt, ["--no-memory"])):
+        assert main(["eval", path, "--batch-size", "2", "--max-tokens", "3000", *extra]) == 0
+        printed = capsys.readouterr().out
+        scores[name] = json.loads(printed[printed.index("{"):])["valid_ppl"]
+    assert scores["off"] == scores["base"]  # the memory switch gives the frozen base back, exactly
+    assert scores["on"] != scores["off"]
+    assert main(["train", "--config", "no_such_config", "--out", str(tmp_path / "x")]) == 2
+    assert "embedded configs, by name" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from mnnn.models.cmr_lm import GPT2LM, CMRLanguageModel
 from mnnn.models.lm_baselines import LSTMLM, NoState, TransformerLM
 from mnnn.models.s3cmn import S3CMN
 from mnnn.models.ssmn import TextNativeSSMN
@@ -29,6 +30,8 @@ LANGUAGE_MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "text_native_ssmn": TextNativeSSMN,
     "transformer": TransformerLM,
     "lstm": LSTMLM,
+    "gpt2": GPT2LM,  # a GPT-2-architecture base for CMR (Hugging Face, random init)
+    "cmr": CMRLanguageModel,  # CMR around a trained gpt2 checkpoint (model.base), base frozen
 }
 SECTIONS = ("model", "memory", "training")
 # the training section's schema: key -> (kind, lowest value, may be null, hint). Kinds: 'int'
@@ -90,14 +93,30 @@ def validate_training(tr: dict[str, Any]) -> None:
                          "stops; set one of them")
 
 
-def default_config_path() -> Path:
-    return Path(str(importlib.resources.files("mnnn") / "configs" / "s3cmn.yaml"))
+def default_config_path(name: str = "s3cmn") -> Path:
+    return Path(str(importlib.resources.files("mnnn") / "configs" / f"{name}.yaml"))
+
+
+def embedded_configs() -> list[str]:
+    """Names of the configs shipped in ``mnnn/configs`` (``--config NAME`` reads one)."""
+    return sorted(p.stem for p in default_config_path().parent.glob("*.yaml") if p.stem != "tune_grid")
+
+
+def _config_path(path: str | Path | None) -> Path:
+    if path is None:
+        return default_config_path()
+    if Path(path).is_file() or Path(path).suffix:
+        return Path(path)
+    if str(path) in embedded_configs():  # a bare name: an embedded config
+        return default_config_path(str(path))
+    raise FileNotFoundError(f"config file not found: {path} (embedded configs, by name: {embedded_configs()})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a YAML config (the embedded default when ``path`` is None) and apply ``key=value``
-    overrides (``training.max_steps=100``; values parsed as YAML)."""
-    path = Path(path) if path is not None else default_config_path()
+    """Read a YAML config (the embedded default when ``path`` is None; a bare name such as
+    ``cmr`` reads that embedded config) and apply ``key=value`` overrides
+    (``training.max_steps=100``; values parsed as YAML)."""
+    path = _config_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
