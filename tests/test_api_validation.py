@@ -86,3 +86,34 @@ def test_text_native_refuses_a_batch_of_prompts():
 def test_text_native_constructor_checks(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TextNativeSSMN(50, **{"embed_dim": 8, "hidden_dim": 8, "window_size": 4, "num_heads": 2, **kwargs})
+
+
+@pytest.mark.parametrize("prompt, error, match", [
+    ([1, 2, 99], ValueError, r"in \[0, 50\), got min 1, max 99"),
+    ([-1], ValueError, r"in \[0, 50\)"),
+    ([], ValueError, "empty"),
+    ([[1, 2], [3, 4]], ValueError, "one prompt per call"),
+    ([1.5, 2], TypeError, "dtype float64"),
+    ([True, 2], TypeError, "booleans"),
+    ("the city", TypeError, "predict"),
+    ([[1], [2, 3]], TypeError, "integer token ids"),
+    (None, TypeError, "integer token ids"),
+])
+def test_lm_generate_refuses_bad_prompts(prompt, error, match):
+    from mnnn.lm import build_model, generate
+
+    model = build_model({"model": {"name": "lstm", "vocab_size": 50, "embed_dim": 8, "hidden_dim": 8},
+                         "memory": {}, "training": {}})
+    with pytest.raises(error, match=match):
+        generate(model, prompt, max_new_tokens=2)
+
+
+def test_lm_generate_takes_every_form_of_one_prompt():
+    from mnnn.lm import build_model, generate
+
+    model = build_model({"model": {"name": "lstm", "vocab_size": 50, "embed_dim": 8, "hidden_dim": 8},
+                         "memory": {}, "training": {}})
+    ref = generate(model, [3, 4], max_new_tokens=3, temperature=0.0)
+    for same in ((3, 4), np.array([3, 4], dtype=np.int32), np.uint8([3, 4]), torch.tensor([3, 4]),
+                 torch.tensor([[3, 4]]), [[3, 4]]):
+        assert generate(model, same, max_new_tokens=3, temperature=0.0) == ref

@@ -216,6 +216,54 @@ def load_checkpoint_model(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     return model, meta
 
 
+def vocab_size(model: torch.nn.Module) -> int:
+    """The model's vocabulary: its ``vocab_size`` or its token embedding's rows."""
+    if isinstance(getattr(model, "vocab_size", None), int):
+        return model.vocab_size
+    for module in model.modules():  # the token embedding is every LM's first
+        if isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings
+    raise TypeError(f"{type(model).__name__} has no vocab_size and no token embedding")
+
+
+def prompt_ids(tokens: Any, vocab: int) -> list[int]:
+    """One prompt as a list of token ids: a list, tuple, 1-D array or tensor (``[T]`` or
+    ``[1, T]``) of integers in ``[0, vocab)``. A batch of prompts, floats, booleans or ids out of
+    range are refused with a ``ValueError``/``TypeError`` that names what came."""
+    import numpy as np
+
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError(f"the prompt must be token ids, got text {tokens[:40]!r}; use predict() for text")
+    if isinstance(tokens, (list, tuple)) and not tokens:
+        raise ValueError("the prompt is empty: give some text to continue")
+    if isinstance(tokens, (list, tuple)) and any(isinstance(x, (bool, np.bool_)) for x in tokens):
+        raise TypeError("the prompt must be integer token ids, got booleans")
+    if isinstance(tokens, torch.Tensor):
+        t = tokens
+    else:
+        try:
+            a = np.asarray(tokens)
+        except ValueError:  # ragged nesting
+            a = np.asarray(None)
+        if a.dtype.kind not in "iub":
+            raise TypeError(f"the prompt must be a sequence of integer token ids, got {type(tokens).__name__}"
+                            + (f" of dtype {a.dtype}" if a.dtype.kind in "fc" else f" {str(tokens)[:40]}"))
+        t = torch.as_tensor(a)
+    if t.numel() == 0:
+        raise ValueError("the prompt is empty: give some text to continue")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"the prompt must be integer token ids, got dtype {t.dtype}")
+    if t.dim() == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 1:
+        raise ValueError(f"the prompt must be one sequence of token ids ([T] or [1, T]), got shape "
+                         f"{tuple(t.shape)}; generate one prompt per call")
+    low, high = int(t.min()), int(t.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}), got min {low}, max {high}")
+    return t.tolist()
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: int | None = 50, seed: int | None = None) -> list[int]:
@@ -224,8 +272,7 @@ def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int = 50
     greedy decoding (argmax); ``top_k`` None or >= 1; ``max_new_tokens`` >= 1."""
     from mnnn.sampling import check_sampling
 
-    if not tokens:
-        raise ValueError("the prompt is empty: give some text to continue")
+    tokens = prompt_ids(tokens, vocab_size(model))
     check_sampling(temperature, top_k, None)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
