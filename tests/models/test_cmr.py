@@ -525,3 +525,142 @@ def test_train_cmr_gives_the_contextual_scorer_its_own_learning_rate():
         model.optimizer_groups(1e-3, -1.0)
     with pytest.raises(ValueError, match="learning_rate"):
         model.optimizer_groups(0.0)
+
+
+# ---- memory_fusion='output': the retrieved entries' next tokens mixed into p(next) --------------------
+OUT = {"memory_fusion": "output", "relevance_threshold": 0.0, "similarity_threshold": -1.0}
+
+
+def test_output_read_equals_a_loop_over_positions_with_gradients():
+    from mnnn.layers.output_read import OutputRead
+
+    torch.manual_seed(3)
+    B, T, N, D, V, k = 2, 5, 7, 6, 11, 4
+    read = OutputRead(D, theta=3.0, lambda_init=0.2)
+    with torch.no_grad():
+        read.gate.weight.normal_()
+    logits = torch.randn(B, T, V, requires_grad=True)
+    query, states = torch.randn(B, T, D), torch.randn(B, N, D)
+    next_token = torch.randint(0, 3, (B, N))  # few tokens: entries share them
+    next_token[0, 2] = -1  # unknown next token: never read
+    idx = torch.randint(0, N, (B, T, k))
+    idx[0, 1] = 2  # every pick unknown: the position keeps p_LM
+    valid = torch.rand(B, T, k) > 0.3
+    valid[1, 3] = False  # nothing picked
+    out, lam = read(logits, query, states, next_token, idx, valid)
+    ref, ref_lam = torch.empty(B, T, V), torch.zeros(B, T)
+    for b in range(B):
+        for t in range(T):
+            p_lm = torch.softmax(logits[b, t], -1)
+            picks = [int(i) for i, ok in zip(idx[b, t], valid[b, t]) if ok and next_token[b, i] >= 0]
+            if not picks:
+                ref[b, t] = torch.log(p_lm)
+                continue
+            q = query[b, t] / query[b, t].norm()
+            cos = torch.stack([q @ (states[b, i] / states[b, i].norm()) for i in picks])
+            w = torch.softmax(read.log_theta.exp() * cos, 0)
+            p_mem = torch.zeros(V)
+            for wi, i in zip(w, picks):
+                p_mem = p_mem + wi * nn.functional.one_hot(next_token[b, i], V)
+            g = torch.sigmoid(read.gate(q)[0])
+            ref[b, t] = torch.log((1 - g) * p_lm + g * p_mem + 1e-30 * g)
+            ref_lam[b, t] = g
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lam, ref_lam.detach(), rtol=1e-5, atol=1e-6)
+    target = torch.randint(0, 3, (B, T))
+    grads = torch.autograd.grad(out.gather(-1, target[..., None]).sum(), [logits, read.log_theta, read.gate.weight])
+    ref_grads = torch.autograd.grad(ref.gather(-1, target[..., None]).sum(), [logits, read.log_theta, read.gate.weight])
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_output_read_switch_first_segment_and_loss():
+    model = CMRModel(tiny_gpt2(), OUT)
+    s1, s2 = _segments()
+    with torch.no_grad():
+        first = model(s1).logits
+        assert torch.equal(first, model.base(input_ids=s1).logits)  # nothing stored yet: the base, bitwise
+        off = model(s2, use_memory=False).logits
+        assert torch.equal(off, model.base(input_ids=s2).logits)
+        out = model(s2, labels=s2)
+    mixed = out.logits
+    assert torch.allclose(mixed.exp().sum(-1), torch.ones(2, 16), atol=1e-5)  # log-probabilities
+    assert (mixed - model.base(input_ids=s2).logits.log_softmax(-1)).abs().max() > 1e-3  # memory read
+    ref = nn.functional.cross_entropy(mixed[:, :-1].reshape(-1, 64), s2[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ref)
+    stats = model.retrieval_stats()
+    assert abs(stats["output_lambda"] - 0.05) < 1e-6 and abs(stats["output_theta"] - 10.0) < 1e-5
+
+
+def test_output_read_copies_a_repeated_segment():
+    model = CMRModel(tiny_gpt2(), {**OUT, "retrieval_strategy": "semantic", "output_lambda_init": 0.5,
+                                   "center_keys": False})
+    s1, _ = _segments()
+    with torch.no_grad():
+        model(s1)
+        mixed = model(s1).logits  # the same tokens again: each position's nearest entry is itself
+        base = model.base(input_ids=s1).logits.log_softmax(-1)
+    nll = -mixed[:, :-1].gather(-1, s1[:, 1:, None]).mean()
+    assert nll < -base[:, :-1].gather(-1, s1[:, 1:, None]).mean() - 0.5
+
+
+@pytest.mark.parametrize("fusion", ["output", "both"])
+@pytest.mark.parametrize("j", [0, 7, 15])
+def test_output_read_is_causal(fusion, j):
+    model = CMRModel(tiny_gpt2(), {**OUT, "memory_fusion": fusion})
+    if fusion == "both":
+        _open_gates(model)
+    s1, s2 = _segments()
+    with torch.no_grad():
+        model(s1)
+        a = model(s2).logits
+        s2b = s2.clone()
+        s2b[:, j] = (s2b[:, j] + 1) % 64
+        model.reset_memory()
+        model(s1)
+        b = model(s2b).logits
+    torch.testing.assert_close(a[:, :j], b[:, :j], rtol=0, atol=1e-6)
+    assert (a[:, j] - b[:, j]).abs().max() > 0
+
+
+@pytest.mark.parametrize("strategy", ["semantic", "multi_criteria", "hierarchical"])
+def test_output_read_isolates_streams_and_ignores_batch_size(strategy):
+    model = CMRModel(tiny_gpt2(), {**OUT, "retrieval_strategy": strategy, "retrieval_budget": 6, "max_clusters": 3,
+                                   "max_entries_per_layer": 20})
+    g = torch.Generator().manual_seed(5)
+    segs = [torch.randint(0, 64, (3, 16), generator=g) for _ in range(4)]
+    full = _stream_outputs(model, segs)
+    assert model.buffer.evictions > 0
+    other = [s.clone() for s in segs]
+    for s in other:
+        s[1:] = torch.randint(0, 64, s[1:].shape, generator=g)
+    torch.testing.assert_close(_stream_outputs(model, other)[0], full[0], rtol=0, atol=1e-5)
+    alone = _stream_outputs(model, [s[1:2] for s in segs])
+    torch.testing.assert_close(alone[0], full[1], rtol=0, atol=1e-5)
+
+
+def test_output_read_generates_what_the_forward_predicts_and_trains():
+    model = CMRModel(tiny_gpt2(), {**OUT, "output_lambda_init": 0.6})
+    s1, s2 = _segments()
+    with torch.no_grad():
+        model(s1)
+        stored = model.buffer.size(model.read_layer)
+        gen = model.generate(s2[:, :6], max_new_tokens=1, do_sample=False, pad_token_id=0)
+        assert model.buffer.size(model.read_layer) == stored  # generating stores nothing
+        nxt = model(s2[:, :6]).logits[:, -1].argmax(-1)
+    assert torch.equal(gen[:, -1], nxt)
+    base = {n: p.clone() for n, p in model.base.named_parameters()}
+    theta = model.output_read.theta
+    train_cmr(model, torch.randint(0, 64, (400,)), 16, 6, learning_rate=1e-2, batch_size=2)
+    assert model.output_read.theta != theta
+    assert all(torch.equal(p, base[n]) for n, p in model.base.named_parameters())
+
+
+def test_output_read_bad_configs():
+    for bad, match in (({"memory_fusion": "logits"}, "memory_fusion must be one of"),
+                       ({"memory_fusion": "output", "retrieval_mode": "segment"}, "retrieval_mode='token'"),
+                       ({"memory_fusion": "both", "reconstruction_method": "kv_attention"}, "cross_attention"),
+                       ({"memory_fusion": "output", "output_lambda_init": 1.0}, "output_lambda_init"),
+                       ({"memory_fusion": "output", "output_theta": float("nan")}, "output_theta")):
+        with pytest.raises(ValueError, match=match):
+            CMRModel(tiny_gpt2(), bad)

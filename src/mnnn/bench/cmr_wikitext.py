@@ -9,10 +9,15 @@ with and without CMR memory.
    with the KV read (``reconstruction_method='kv_attention'``: the blocks' own attention reads the
    retrieved keys and values of earlier segments; its memory weight and query map train at
    ``cmr_lr_kv`` = 3e-3: with multi-criteria retrieval, 3e-2 made the loss rise in cmr-recall,
-   and here it gave 0.9966 x the base at git ced106a).
+   and here it gave 0.9966 x the base at git ced106a), and once with the output read
+   (``memory_fusion='output'``: the retrieved entries' next tokens mixed into the next-token
+   distribution; it stores every position, as a cache does, where the reweaving variants keep
+   the default relevance filter; its gate and temperature train at ``cmr_lr_output`` = 3e-2: at
+   3e-3 the gate barely moved from its start in 150 steps).
 3. The valid slice is read in segments by parallel streams: the base alone, CMR untrained (must
    equal the base), the KV read untrained (memory weight 0: the base attending over its retrieved
-   past) and every CMR trained, with memory on and off. ppl = exp(total NLL / tokens).
+   past), the output read untrained (its initial lambda and theta) and every CMR trained, with
+   memory on and off. ppl = exp(total NLL / tokens).
 """
 
 from __future__ import annotations
@@ -36,10 +41,10 @@ from mnnn.training.lm import batchify, train_lm
 PRESETS = {
     "default": {"segment": 128, "n_embd": 128, "n_layer": 2, "n_head": 4, "base_budget_s": 180,
                 "cmr_steps": 150, "cmr_lr": 3e-3, "streams": 8, "valid_tokens": 50_000, "strategy": "multi_criteria",
-                "values": ("next", "next_token", "kv"), "cmr_lr_kv": 3e-3},
+                "values": ("next", "next_token", "kv", "output"), "cmr_lr_kv": 3e-3, "cmr_lr_output": 3e-2},
     "toy": {"segment": 16, "n_embd": 16, "n_layer": 2, "n_head": 2, "base_budget_s": 2, "cmr_steps": 3,
-            "cmr_lr": 3e-3, "streams": 2, "valid_tokens": 400, "strategy": "semantic", "values": ("next", "kv"),
-            "cmr_lr_kv": 3e-2},
+            "cmr_lr": 3e-3, "streams": 2, "valid_tokens": 400, "strategy": "semantic", "values": ("next", "kv", "output"),
+            "cmr_lr_kv": 3e-2, "cmr_lr_output": 3e-2},
 }
 
 
@@ -95,31 +100,43 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     gpt2.eval()
     rows, cmr_s, losses, gates, memory_info = [], {}, {}, {}, {}
     for values in c["values"]:
-        kv = values == "kv"
+        kv, output = values == "kv", values == "output"
         model = CMRModel(gpt2, {"retrieval_strategy": c["strategy"], "retrieval_budget": 32,
-                                "memory_values": None if kv else values,
+                                "memory_values": None if kv or output else values,
                                 "reconstruction_method": "kv_attention" if kv else "cross_attention",
+                                "memory_fusion": "output" if output else "reweave",
+                                # the output read is a cache: it stores every position (relevance in (0, 1))
+                                **({"relevance_threshold": 0.0} if output else {}),
                                 "similarity_threshold": 0.0, "max_entries_per_layer": 4000})
         if not rows:
             rows = [{"model": "base (no memory)",
                      "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], False)},
                     {"model": "CMR untrained, memory on",
                      "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], True)}]
-        if kv:
+        if kv or output:
             ppl = segment_ppl(model, valid, c["streams"], c["segment"], True)
-            rows.append({"model": "CMR untrained, KV read (memory weight 0)", "valid_ppl": ppl,
-                         "vs_base": ppl / rows[0]["valid_ppl"]})
+            label = ("CMR untrained, KV read (memory weight 0)" if kv else
+                     f"CMR untrained, output read (lambda {model.config.output_lambda_init}, "
+                     f"theta {model.config.output_theta:g})")
+            rows.append({"model": label, "valid_ppl": ppl, "vs_base": ppl / rows[0]["valid_ppl"]})
+            if output:
+                memory_info["output_untrained"] = model.memory_info()
         start = time.perf_counter()
+        lr = c["cmr_lr_kv"] if kv else c["cmr_lr_output"] if output else c["cmr_lr"]
         losses[values] = train_cmr(model, torch.as_tensor(train[:2_000_000]).long(), c["segment"], c["cmr_steps"],
-                                   learning_rate=c["cmr_lr_kv"] if kv else c["cmr_lr"], batch_size=8)
+                                   learning_rate=lr, batch_size=8)
         cmr_s[values] = time.perf_counter() - start
-        label = "CMR trained (KV read)" if kv else f"CMR trained (values: {values})"
+        label = ("CMR trained (KV read)" if kv else "CMR trained (output read)" if output
+                 else f"CMR trained (values: {values})")
         on = segment_ppl(model, valid, c["streams"], c["segment"], True)
         memory_info[values] = model.memory_info()  # of the memory-on pass (the next pass resets it)
+        if output:
+            memory_info[values].update({k: model.retrieval_stats()[k] for k in ("output_lambda", "output_theta")})
         off = segment_ppl(model, valid, c["streams"], c["segment"], False)
         rows += [{"model": f"{label}, memory on", "valid_ppl": on, "vs_base": on / rows[0]["valid_ppl"]},
                  {"model": f"{label}, memory off", "valid_ppl": off}]
         gates[values] = ({k: r.bias.tolist() for k, r in model.kv_readers.items()} if kv
+                         else {"theta": model.output_read.theta} if output
                          else {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()})
         for h in model._handles:
             h.remove()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnnn.layers.kv_read import KVMemoryRead
+from mnnn.layers.output_read import OutputRead
 from mnnn.layers.reweave import ReweaveLayer
 from mnnn.memory.layered import EVICTION, LayeredMemoryBuffer
 from mnnn.memory.retrieval import STRATEGIES, ContextualScorer, Retriever
@@ -38,6 +39,7 @@ SCORING = ("attention_based", "variance_based", "hybrid")
 RECONSTRUCTION = ("cross_attention", "kv_attention")
 MODES = ("token", "segment")
 INDEXING = ("block", "hidden_states")
+FUSION = ("reweave", "output", "both")
 _REFUSED = {
     "enable_prefetching": "retrieval reads each position's own hidden state, which exists only while "
                           "the segment runs, so there is nothing to compute ahead of it",
@@ -81,11 +83,24 @@ class CMRConfig:
     enable_batch_optimization: bool = True  # False: one retrieval per stream (same result, slower)
     enable_prefetching: bool = False
     enable_background_optimization: bool = False
+    # where a read goes: 'reweave' into the hidden states (above), 'output' into the next-token
+    # distribution (OutputRead: the retrieved entries' next tokens, mixed with a learned gate),
+    # 'both'. The output read queries the last target layer and needs per-token retrieval.
+    memory_fusion: str = "reweave"
+    output_theta: float = 10.0
+    output_lambda_init: float = 0.05
 
     def __post_init__(self) -> None:
         for key, why in _REFUSED.items():
             if getattr(self, key):
                 raise ValueError(f"{key}=True is not supported: {why}; leave it False")
+        if self.memory_fusion not in FUSION:
+            raise ValueError(f"memory_fusion must be one of {FUSION}, got {self.memory_fusion!r}")
+        if self.memory_fusion != "reweave" and (self.retrieval_mode != "token"
+                                                or self.reconstruction_method == "kv_attention"):
+            raise ValueError(f"memory_fusion={self.memory_fusion!r} reads each position's own block output: it "
+                             f"needs retrieval_mode='token' and reconstruction_method='cross_attention', got "
+                             f"{self.retrieval_mode!r} and {self.reconstruction_method!r}")
         if self.retrieval_mode not in MODES:
             raise ValueError(f"retrieval_mode must be one of {MODES}, got {self.retrieval_mode!r}")
         if self.memory_values not in (None, "next", "next_token", "self"):
@@ -237,6 +252,10 @@ class CMRModel(nn.Module):
                                    cfg.cache_size, cfg.max_clusters, cfg.criteria_weights, self.scorer,
                                    center=cfg.center_keys)
         self.relevance_threshold = cfg.relevance_threshold
+        self.read_layer = self.target_layers[-1]
+        self.output_read = (OutputRead(dim, cfg.output_theta, cfg.output_lambda_init)
+                            if cfg.memory_fusion != "reweave" else None)
+        self._picks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.kv:
             self._handles = [h for layer in self.target_layers for h in (
                 self.blocks[layer].attn.c_attn.register_forward_hook(self._qkv_hook(layer)),
@@ -277,7 +296,7 @@ class CMRModel(nn.Module):
         """Zero the read statistics (the buffer keeps its entries)."""
         self.stats = {"segments": 0, "retrieved": 0, "reads_with_memory": 0, "reads": 0, "retrieval_s": 0.0,
                       "forward_s": 0.0, "positions": 0, "positions_with_memory": 0, "scored": 0, "hits": 0,
-                      "hit_chance": 0.0, "stored": 0, "offered": 0}
+                      "hit_chance": 0.0, "stored": 0, "offered": 0, "lambda_sum": 0.0, "lambda_positions": 0}
 
     # ---- hooks -------------------------------------------------------------------------------------
     def _hook(self, layer: int):
@@ -286,6 +305,9 @@ class CMRModel(nn.Module):
             if self._capture:
                 self._captured[layer] = hidden.detach()
             if layer in self._views:
+                if self.config.memory_fusion == "output":  # pick for the output read; the block is untouched
+                    self._reweave_tokens(layer, hidden, reweave=False)
+                    return output
                 hidden = self._reweave_tokens(layer, hidden)
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             if layer in self._retrieved:
@@ -343,8 +365,9 @@ class CMRModel(nn.Module):
         return reader(a, qh, k.reshape(B, T, heads, head_dim), mem_k, mem_v, picked, scale,
                       self._attention_mask, score_bias)
 
-    def _reweave_tokens(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Per-token retrieval and reweaving for one layer (inside the block's forward hook)."""
+    def _reweave_tokens(self, layer: int, hidden: torch.Tensor, reweave: bool = True) -> torch.Tensor:
+        """Per-token retrieval and reweaving for one layer (inside the block's forward hook). The
+        read layer keeps its picks and query for the output read; ``reweave=False`` only picks."""
         start = time.perf_counter()
         view = self._views[layer]
         version = self.buffer.version[layer]
@@ -360,10 +383,31 @@ class CMRModel(nn.Module):
         self.stats["retrieval_s"] += time.perf_counter() - start
         with torch.no_grad():
             self._token_stats(layer, view, idx, valid)
+        if self.output_read is not None and layer == self.read_layer:
+            self._picks[layer] = (idx, valid, hidden.detach())
+        if not reweave:
+            return hidden
         learned = self.config.retrieval_strategy == "contextual"
         return self.reweavers[str(layer)].forward_tokens(
             hidden, view["states"].to(hidden.device), idx, valid, bias if learned else None,
             view["values"].to(hidden.device), None if learned else bias)
+
+    def _read_output(self, out, labels: torch.Tensor | None) -> None:
+        """The output read: ``out.logits`` become the mixture's log-probabilities (and
+        ``out.loss``, with ``labels``, its shifted cross-entropy, as the base computes it)."""
+        idx, valid, query = self._picks[self.read_layer]
+        view = self._views[self.read_layer]
+        logits = out.logits
+        mixed, lam = self.output_read(logits, query.to(logits.device), view["states"].to(logits.device),
+                                      view["next_token"].to(logits.device), idx.to(logits.device),
+                                      valid.to(logits.device))
+        out["logits"] = mixed
+        if labels is not None:
+            out["loss"] = F.cross_entropy(mixed[:, :-1].reshape(-1, mixed.shape[-1]), labels[:, 1:].reshape(-1),
+                                          ignore_index=-100)
+        with torch.no_grad():
+            self.stats["lambda_sum"] += float(lam.sum())
+            self.stats["lambda_positions"] += int((lam > 0).sum())
 
     @torch.no_grad()
     def _token_stats(self, layer: int, view, idx: torch.Tensor, valid: torch.Tensor) -> None:
@@ -483,20 +527,23 @@ class CMRModel(nn.Module):
         if use_memory:
             if self.config.retrieval_mode == "token":
                 batch = input_ids.shape[0]
-                self._views = {layer: self.buffer.padded(layer, batch) for layer in self.target_layers
-                               if self.buffer.size(layer)}
+                read = [self.read_layer] if self.config.memory_fusion == "output" else self.target_layers
+                self._views = {layer: self.buffer.padded(layer, batch) for layer in read if self.buffer.size(layer)}
                 self._targets = _next_tokens(input_ids, attention_mask)
                 self.stats["reads"] += 1
                 self.stats["reads_with_memory"] += int(bool(self._views))
             else:
                 self._retrieve(input_ids.shape[0], input_ids.device)
         self._capture = use_memory
+        self._picks = {}
         try:
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                             output_hidden_states=True, **kwargs)
+            if self.read_layer in self._picks:
+                self._read_output(out, labels)
         finally:
             self._capture = False
-            self._retrieved, self._views, self._targets = {}, {}, None
+            self._retrieved, self._views, self._targets, self._picks = {}, {}, None, {}
             self._qkv, self._attention_mask = {}, None
         if use_memory:
             self._store(input_ids, attention_mask)
@@ -533,10 +580,16 @@ class CMRModel(nn.Module):
                                if self.buffer.size(layer)}
             else:
                 self._retrieve(input_ids.shape[0], input_ids.device)
+        if self.output_read is not None and self.read_layer in self._views:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []),
+                                                              _OutputReadProcessor(self)])
+        self._picks = {}
         try:
             return self.base.generate(input_ids=input_ids, **kwargs)
         finally:
-            self._retrieved, self._views, self._qkv = {}, {}, {}
+            self._retrieved, self._views, self._qkv, self._picks = {}, {}, {}, {}
 
     def memory_stats(self) -> dict[str, Any]:
         s = self.stats
@@ -553,7 +606,9 @@ class CMRModel(nn.Module):
         positions whose retrieved entries include one whose stored next token is the true next
         token, beside ``hit_rate_chance``, the same for as many entries drawn at random from the
         stream's store. ``coverage``: positions that read at least one entry (not a quality
-        measure: any non-empty store gives ~1)."""
+        measure: any non-empty store gives ~1). With the output read (``memory_fusion`` 'output'
+        or 'both'): ``output_lambda``, the mean mixture weight over positions that read an entry,
+        and ``output_theta``, the cosine scores' inverse temperature."""
         s = self.stats
         return {"mode": self.config.retrieval_mode, "strategy": self.config.retrieval_strategy,
                 "budget": self.config.retrieval_budget,
@@ -561,6 +616,8 @@ class CMRModel(nn.Module):
                 "hit_rate_chance": s["hit_chance"] / s["scored"] if s["scored"] else None,
                 "coverage": s["positions_with_memory"] / s["positions"] if s["positions"] else None,
                 "retrieved_per_position": s["retrieved"] / s["positions"] if s["positions"] else None,
+                "output_lambda": (s["lambda_sum"] / s["lambda_positions"] if s["lambda_positions"] else None),
+                "output_theta": self.output_read.theta if self.output_read is not None else None,
                 "cache_hits": self.retriever.cache_hits + self.retriever.cluster_hits,
                 "cache_misses": self.retriever.cache_misses + self.retriever.cluster_misses}
 
@@ -605,6 +662,23 @@ class IntegratedCMRModel(CMRModel):
     """The seed's name: as :class:`FullCMRModel` with ``scoring_method='hybrid'``."""
 
     _defaults = {"scoring_method": "hybrid", "layer_indexing": "hidden_states"}
+
+
+class _OutputReadProcessor:
+    """``generate`` with the output read: the step's last-position logits become the mixture's
+    log-probabilities (a ``transformers`` logits processor, applied before any sampling warper)."""
+
+    def __init__(self, model: CMRModel):
+        self.model = model
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        idx, valid, query = m._picks.pop(m.read_layer)
+        view = m._views[m.read_layer]
+        dev = scores.device
+        mixed, _ = m.output_read(scores[:, None], query[:, -1:].to(dev), view["states"].to(dev),
+                                 view["next_token"].to(dev), idx[:, -1:].to(dev), valid[:, -1:].to(dev))
+        return mixed[:, 0]
 
 
 def _attention_taps(block: nn.Module, layer: int) -> tuple[int, int, float]:
