@@ -29,6 +29,10 @@ over the 500 steps; the contextual scorer, which starts as the mean attention lo
 ``kv_scorer_lr`` = 3e-4: in our probe scorer learning rates of 3e-2 / 3e-3 / 3e-4 / 1e-4 gave
 0.11 / 0.72 / 0.85 / 0.84, a random-init scorer at 3e-2 / 1e-3 / 3e-3 gave 0.14 / 0.48 / 0.79).
 Untrained, that read is the base attending over its retrieved past as if it were earlier context.
+Rows marked "output read" use ``memory_fusion='output'``
+(:class:`mnnn.layers.output_read.OutputRead`): no reweaving; the entries each position picks in
+the last target layer vote for the tokens that followed them, mixed into the base's next-token
+distribution by a learned gate (its gate and temperature train at ``output_lr``).
 
 Planted hit rate: at the query keys (the positions that predict a value), the share whose
 retrieved entries include a state of the asked fact (its key or value position in segment 0) in
@@ -55,10 +59,10 @@ PRESETS = {
                 "n_layer": 3, "n_head": 4, "base_lr": 5e-4, "base_steps": 5000, "base_target": 0.97, "cmr_steps": 500, "batch": 32,
                 "budget": 32, "eval_episodes": 512, "segment_strategies": ("multi_criteria",), "kv_lr": 3e-2,
                 "kv_lr_by_strategy": {"multi_criteria": 3e-3}, "kv_scorer_lr": 3e-4,
-                "value_ablations": (("semantic", "self"), ("semantic", "next_token"))},
+                "value_ablations": (("semantic", "self"), ("semantic", "next_token")), "output_lr": 3e-2},
     "toy": {"keys": 8, "filler": 8, "segment": 16, "n_facts": 4, "n_query": 4, "gap": 1, "n_embd": 16,
             "n_layer": 2, "n_head": 2, "base_lr": 1e-3, "base_steps": 3, "base_target": 0.97, "cmr_steps": 2, "batch": 4, "budget": 8,
-            "eval_episodes": 8, "kv_lr": 3e-2},
+            "eval_episodes": 8, "kv_lr": 3e-2, "output_lr": 3e-2},
 }
 
 
@@ -220,15 +224,17 @@ def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str, lr: float 
     return losses
 
 
-_VALUE_LABEL = {"self": "own state", "next_token": "next token's embedding", "next": "next state", "kv": "KV read"}
+_VALUE_LABEL = {"self": "own state", "next_token": "next token's embedding", "next": "next state", "kv": "KV read",
+                "output": "output read"}
 
 
 def _cmr(gpt2, c, strategy: str, budget: int, mode: str = "token", values: str = "next") -> CMRModel:
     torch.manual_seed(3)
-    kv = values == "kv"
+    kv, output = values == "kv", values == "output"
     return CMRModel(gpt2, {"retrieval_strategy": strategy, "retrieval_budget": budget, "similarity_threshold": -1.0,
-                           "retrieval_mode": mode, "memory_values": None if kv else values,
+                           "retrieval_mode": mode, "memory_values": None if kv or output else values,
                            "reconstruction_method": "kv_attention" if kv else "cross_attention",
+                           "memory_fusion": "output" if output else "reweave",
                            "relevance_threshold": 0.0, "max_clusters": 8, "context_heads": 4,
                            "max_entries_per_layer": 100_000, "max_total_entries": 1_000_000,
                            "target_layers": list(range(c["n_layer"]))})
@@ -278,12 +284,14 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                + [(f"{s}, values = {_VALUE_LABEL[v]}", s, c["budget"], "token", v) for s, v in c.get("value_ablations", ())]
                + [(f"{s}, per segment", s, c["budget"], "segment", "next") for s in c.get("segment_strategies", ())]
                + [("all memories, KV read", "semantic", entries, "token", "kv")]
-               + [(f"{s}, KV read", s, c["budget"], "token", "kv") for s in STRATEGIES])
+               + [(f"{s}, KV read", s, c["budget"], "token", "kv") for s in STRATEGIES]
+               + [(f"{s}, output read", s, c["budget"], "token", "output") for s in STRATEGIES])
     last = str(c["n_layer"] - 1)
     for label, strategy, budget, mode, values in configs:
         model = _cmr(gpt2, c, strategy, budget, mode, values)
         start = time.perf_counter()
-        lr = c.get("kv_lr_by_strategy", {}).get(strategy, c["kv_lr"]) if values == "kv" else 3e-3
+        lr = (c.get("kv_lr_by_strategy", {}).get(strategy, c["kv_lr"]) if values == "kv"
+              else c["output_lr"] if values == "output" else 3e-3)
         scorer_lr = c.get("kv_scorer_lr") if values == "kv" else None
         curves[label] = train_cmr_episodes(model, c, progress, f"CMR {label}", lr, scorer_lr)
         details: dict = {}
@@ -295,8 +303,9 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                      "planted_hit_rate": details.get(last, {}).get("planted_hit_rate"),
                      "planted_hit_chance": details.get(last, {}).get("chance"), "planted_hits_per_layer": details,
                      "train_s": time.perf_counter() - start,
-                     "gates": {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()},
-                     "kv_memory_weight": {k: r.bias.tolist() for k, r in model.kv_readers.items()}})
+                     "gates": {} if values == "output" else {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()},
+                     "kv_memory_weight": {k: r.bias.tolist() for k, r in model.kv_readers.items()},
+                     "output_theta": model.output_read.theta if model.output_read is not None else None})
         if progress:
             r = rows[-1]
             tqdm.write(f"{r['model']}: accuracy {r['accuracy']:.3f} ({r['vs_in_window']:.2f} x in-window "
