@@ -122,8 +122,8 @@ def test_bench_cmr_toy(tmp_path):
     pytest.importorskip("transformers")
     assert main(["bench", "cmr", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
     rows = json.loads((tmp_path / "cmr.json").read_text())["results"]
-    assert rows[0]["model"] == "base" and len(rows) == 13  # 4 strategies: per token, per segment, KV read
-    assert sum("(KV read)" in r["model"] for r in rows) == 4
+    assert rows[0]["model"] == "base" and len(rows) == 17  # 4 strategies: per token, per segment, KV read, output
+    assert sum("(KV read)" in r["model"] for r in rows) == 4 and sum("(output read)" in r["model"] for r in rows) == 4
     assert all(r.get("max_abs_diff_closed_gate", 0) < 1e-5 for r in rows)
 
 

@@ -3,10 +3,11 @@
 GPT-2-architecture models (random weights: the overhead does not depend on them; a small 4 x 256
 one and GPT-2 small's geometry, 12 x 768, the seed's example base) read
 segments of T tokens; the bare model and CMR (memory of the 2 earlier segments, restored before
-every repeat; every retrieval strategy, per token, per segment, and per token read by the base's
-own attention, "KV read") are timed on the same segment in the same process. Verification first:
-an untrained CMR's logits (zero output projection) and a closed KV read's (memory weight -inf)
-equal the base model's.
+every repeat; every retrieval strategy, per token, per segment, per token read by the base's
+own attention, "KV read", and per token read into the output distribution, "output read") are
+timed on the same segment in the same process. Verification first: an untrained CMR's logits
+(zero output projection) and a closed KV read's (memory weight -inf) equal the base model's, and
+a closed output read's (gate bias -inf) are the base's log-probabilities.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
 
         t_base = time_base()
         rows.append({"base": name, "model": "base", "T": c["T"], "forward_s": t_base, "overhead": 0.0})
-        for mode in ("token", "segment", "kv"):
+        for mode in ("token", "segment", "kv", "output"):
             for strategy in STRATEGIES:
                 row = _time_cmr(base, segs, strategy, mode, c)
                 # the bare model timed again right after (CMR's hooks removed): each row's overhead is
@@ -72,9 +73,10 @@ def _time_cmr(base, segs, strategy: str, mode: str, c) -> dict[str, Any]:
     every repeat, so each timed forward reads the same store). ``mode`` 'kv': per-token retrieval
     read by the base's attention (``reconstruction_method='kv_attention'``), checked closed
     (memory weight -inf) and timed open."""
-    kv = mode == "kv"
+    kv, output = mode == "kv", mode == "output"
     model = CMRModel(base, {"retrieval_strategy": strategy, "retrieval_budget": c["budget"],
-                            "retrieval_mode": "token" if kv else mode, "similarity_threshold": -1.0,
+                            "retrieval_mode": "token" if kv or output else mode, "similarity_threshold": -1.0,
+                            "memory_fusion": "output" if output else "reweave",
                             "reconstruction_method": "kv_attention" if kv else "cross_attention"}).eval()
     with torch.no_grad():
         model(segs[0])
@@ -83,7 +85,13 @@ def _time_cmr(base, segs, strategy: str, mode: str, c) -> dict[str, Any]:
         summary = {layer: v.clone() for layer, v in model._summary.items()}
         for r in model.kv_readers.values():
             r.bias.fill_(float("-inf"))
-        check = (model(segs[2]).logits - base(input_ids=segs[2]).logits).abs().max().item()
+        if output:
+            open_bias = model.output_read.gate.bias.clone()
+            model.output_read.gate.bias.fill_(float("-inf"))
+            check = (model(segs[2]).logits - base(input_ids=segs[2]).logits.log_softmax(-1)).abs().max().item()
+            model.output_read.gate.bias.copy_(open_bias)  # open: lambda at its initial value
+        else:
+            check = (model(segs[2]).logits - base(input_ids=segs[2]).logits).abs().max().item()
         if check > 1e-5:
             raise AssertionError(f"closed-gate CMR differs from the base model by {check:.2e}")
         for r in model.kv_readers.values():
@@ -99,7 +107,8 @@ def _time_cmr(base, segs, strategy: str, mode: str, c) -> dict[str, Any]:
         model.reset_stats()
         t, _ = median_time(segment, repeats=c["repeats"], warmup=1)
     entries = sum(d["states"].shape[0] for d in snapshot.values())
-    row = {"model": f"cmr/{strategy}" + {"token": "", "segment": " (per segment)", "kv": " (KV read)"}[mode],
+    row = {"model": f"cmr/{strategy}" + {"token": "", "segment": " (per segment)", "kv": " (KV read)",
+                                               "output": " (output read)"}[mode],
            "T": c["T"],
            "forward_s": t, "entries": entries, "max_abs_diff_closed_gate": check,
            "retrieval_ms": model.performance_stats()["retrieval_ms_per_segment"]}

@@ -14,7 +14,8 @@ entries the reweaving reads, picked by the same retrieval strategy. It returns e
 log-probabilities (computed in log space), so they stand in for the base's logits: a softmax
 or cross-entropy over them is the mixture's. A position with no readable entry keeps ``p_LM``
 exactly. ``theta``, ``g`` and ``b`` are the only parameters (``lambda`` starts at
-``lambda_init``).
+``lambda_init``). Cost: one ``log_softmax`` over the vocabulary plus two more ``[B, T, V]``
+tensors; the memory side is ``O(B T k^2)`` (p_mem is only ever non-zero at the k picked tokens).
 """
 
 from __future__ import annotations
@@ -63,10 +64,20 @@ class OutputRead(nn.Module):
         w = torch.softmax((self.log_theta.exp() * cos).masked_fill(~ok, float("-inf")), -1)
         has = ok.any(-1)
         w = torch.where(has[..., None], w, torch.zeros_like(w))  # an empty row's softmax is NaN
-        p_mem = logits.new_zeros(logits.shape).scatter_add(-1, tokens.clamp_min(0), w.to(logits.dtype))
-        log_lam = F.logsigmoid(self.gate(q).squeeze(-1))
-        log_keep = F.logsigmoid(-self.gate(q).squeeze(-1))  # log(1 - lambda), exact for small lambda
-        log_p = torch.logaddexp(log_keep[..., None] + torch.log_softmax(logits, -1),
-                                log_lam[..., None] + torch.log(p_mem + _TINY))
-        out = torch.where(has[..., None], log_p, torch.log_softmax(logits, -1))
-        return out, torch.where(has, log_lam.exp(), torch.zeros_like(log_lam))
+        tok = tokens.clamp_min(0)
+        # p_mem at each pick's token (the mass of every readable pick holding it), and whether the
+        # pick is the first readable one with its token: only those write, so no token is written twice
+        same = (tok[..., :, None] == tok[..., None, :]) & ok[..., None, :]  # [B, T, k, k]
+        mass = (same.to(w.dtype) * w[..., None, :]).sum(-1)
+        earlier = torch.ones(k, k, dtype=torch.bool, device=idx.device).tril(-1)
+        first = ok & ~(same & earlier).any(-1)
+        z = self.gate(q).squeeze(-1)
+        log_keep = torch.where(has, F.logsigmoid(-z), torch.zeros_like(z))  # log(1 - lambda); 0: p_LM alone
+        log_lam = F.logsigmoid(z)
+        # dense part: (1 - lambda) p_LM everywhere; sparse part: + lambda p_mem at the picked tokens,
+        # added as a correction so each [B, T, V] tensor is made once (log_softmax, shift, scatter)
+        out = torch.log_softmax(logits, -1) + log_keep[..., None].to(logits.dtype)
+        kept = out.gather(-1, tok)
+        mixed = torch.logaddexp(kept, (log_lam[..., None] + torch.log(mass + _TINY)).to(logits.dtype))
+        delta = torch.where(first, mixed - kept, torch.zeros_like(kept))
+        return out.scatter_add(-1, tok, delta), torch.where(has, log_lam.exp(), torch.zeros_like(log_lam))
