@@ -138,7 +138,7 @@ def test_bench_cmr_wikitext_toy(tmp_path):
     assert abs(rows[0]["valid_ppl"] - rows[1]["valid_ppl"]) < 1e-3 * rows[0]["valid_ppl"]  # untrained == base
     labels = [r["model"] for r in rows]
     assert "CMR trained (KV read), memory on" in labels and "CMR trained (KV read), memory off" in labels
-    for read in ("KV read", "output read"):
+    for read in ("KV read", "output read of 32"):
         off = rows[labels.index(f"CMR trained ({read}), memory off")]["valid_ppl"]
         assert abs(off - rows[0]["valid_ppl"]) < 1e-3 * rows[0]["valid_ppl"]  # the switch gives the base
     assert any(label.startswith("CMR untrained, output read") for label in labels)

@@ -11,9 +11,11 @@ with and without CMR memory.
    ``cmr_lr_kv`` = 3e-3: with multi-criteria retrieval, 3e-2 made the loss rise in cmr-recall,
    and here it gave 0.9966 x the base at git ced106a), and once with the output read
    (``memory_fusion='output'``: the retrieved entries' next tokens mixed into the next-token
-   distribution; it stores every position, as a cache does, where the reweaving variants keep
-   the default relevance filter; its gate and temperature train at ``cmr_lr_output`` = 3e-2: at
-   3e-3 the gate barely moved from its start in 150 steps).
+   distribution, per-token semantic retrieval of 32 and of 128 entries by cosine with no floor;
+   it stores every position, as a cache does, where the reweaving variants keep the default
+   relevance filter; its gate and temperature train at ``cmr_lr_output`` = 3e-2: at 3e-3 the
+   gate barely moved from its start in 150 steps). The base's dropout is off while CMR trains
+   (its weights are frozen; :func:`train_cmr` switches the whole model to train mode).
 3. The valid slice is read in segments by parallel streams: the base alone, CMR untrained (must
    equal the base), the KV read untrained (memory weight 0: the base attending over its retrieved
    past), the output read untrained (its initial lambda and theta) and every CMR trained, with
@@ -41,10 +43,11 @@ from mnnn.training.lm import batchify, train_lm
 PRESETS = {
     "default": {"segment": 128, "n_embd": 128, "n_layer": 2, "n_head": 4, "base_budget_s": 180,
                 "cmr_steps": 150, "cmr_lr": 3e-3, "streams": 8, "valid_tokens": 50_000, "strategy": "multi_criteria",
-                "values": ("next", "next_token", "kv", "output"), "cmr_lr_kv": 3e-3, "cmr_lr_output": 3e-2},
+                "values": ("next", "next_token", "kv", "output", "output-128"), "cmr_lr_kv": 3e-3, "cmr_lr_output": 3e-2,
+                "output_strategy": "semantic"},
     "toy": {"segment": 16, "n_embd": 16, "n_layer": 2, "n_head": 2, "base_budget_s": 2, "cmr_steps": 3,
             "cmr_lr": 3e-3, "streams": 2, "valid_tokens": 400, "strategy": "semantic", "values": ("next", "kv", "output"),
-            "cmr_lr_kv": 3e-2, "cmr_lr_output": 3e-2},
+            "cmr_lr_kv": 3e-2, "cmr_lr_output": 3e-2, "output_strategy": "semantic"},
 }
 
 
@@ -98,16 +101,24 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                          time_budget_s=c["base_budget_s"], progress=progress)
     base_s = time.perf_counter() - start
     gpt2.eval()
+    # the base is frozen from here on: train_cmr puts the whole model in train mode, which would
+    # switch the base's dropout on while the CMR parameters learn (and off again for evaluation)
+    for module in gpt2.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
     rows, cmr_s, losses, gates, memory_info = [], {}, {}, {}, {}
     for values in c["values"]:
-        kv, output = values == "kv", values == "output"
-        model = CMRModel(gpt2, {"retrieval_strategy": c["strategy"], "retrieval_budget": 32,
+        kv, output = values == "kv", values.startswith("output")
+        budget = int(values.split("-")[1]) if "-" in values else 32
+        model = CMRModel(gpt2, {"retrieval_strategy": c["output_strategy"] if output else c["strategy"],
+                                "retrieval_budget": budget,
                                 "memory_values": None if kv or output else values,
                                 "reconstruction_method": "kv_attention" if kv else "cross_attention",
                                 "memory_fusion": "output" if output else "reweave",
-                                # the output read is a cache: it stores every position (relevance in (0, 1))
+                                # the output read is a cache: it stores every position (relevance in
+                                # (0, 1)) and reads its top entries by cosine with no floor
                                 **({"relevance_threshold": 0.0} if output else {}),
-                                "similarity_threshold": 0.0, "max_entries_per_layer": 4000})
+                                "similarity_threshold": -1.0 if output else 0.0, "max_entries_per_layer": 4000})
         if not rows:
             rows = [{"model": "base (no memory)",
                      "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], False)},
@@ -116,17 +127,17 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         if kv or output:
             ppl = segment_ppl(model, valid, c["streams"], c["segment"], True)
             label = ("CMR untrained, KV read (memory weight 0)" if kv else
-                     f"CMR untrained, output read (lambda {model.config.output_lambda_init}, "
+                     f"CMR untrained, output read of {budget} (lambda {model.config.output_lambda_init}, "
                      f"theta {model.config.output_theta:g})")
             rows.append({"model": label, "valid_ppl": ppl, "vs_base": ppl / rows[0]["valid_ppl"]})
             if output:
-                memory_info["output_untrained"] = model.memory_info()
+                memory_info[f"{values}_untrained"] = model.memory_info()
         start = time.perf_counter()
         lr = c["cmr_lr_kv"] if kv else c["cmr_lr_output"] if output else c["cmr_lr"]
         losses[values] = train_cmr(model, torch.as_tensor(train[:2_000_000]).long(), c["segment"], c["cmr_steps"],
                                    learning_rate=lr, batch_size=8)
         cmr_s[values] = time.perf_counter() - start
-        label = ("CMR trained (KV read)" if kv else "CMR trained (output read)" if output
+        label = ("CMR trained (KV read)" if kv else f"CMR trained (output read of {budget})" if output
                  else f"CMR trained (values: {values})")
         on = segment_ppl(model, valid, c["streams"], c["segment"], True)
         memory_info[values] = model.memory_info()  # of the memory-on pass (the next pass resets it)
