@@ -99,6 +99,22 @@ def _stream_outputs(model, segs):
         return model(segs[-1]).logits
 
 
+def _assert_streams_isolated(model):
+    """Four segments of three streams, eviction active: stream 0 is unchanged when streams 1 and
+    2 change everywhere, and stream 1 read alone equals stream 1 in the batch."""
+    g = torch.Generator().manual_seed(5)
+    segs = [torch.randint(0, 64, (3, 16), generator=g) for _ in range(4)]
+    full = _stream_outputs(model, segs)
+    assert model.buffer.evictions > 0
+    other = [s.clone() for s in segs]
+    for s in other:
+        s[1:] = torch.randint(0, 64, s[1:].shape, generator=g)
+    torch.testing.assert_close(_stream_outputs(model, other)[0], full[0], rtol=0, atol=1e-5)
+    alone = _stream_outputs(model, [s[1:2] for s in segs])
+    torch.testing.assert_close(alone[0], full[1], rtol=0, atol=1e-5)
+    return segs, full
+
+
 @pytest.mark.parametrize("kv", [False, True], ids=["cross_attention", "kv_read"])
 @pytest.mark.parametrize("strategy", ["semantic", "contextual", "multi_criteria", "hierarchical"])
 def test_token_retrieval_isolates_streams_and_ignores_batch_size(strategy, kv):
@@ -110,16 +126,7 @@ def test_token_retrieval_isolates_streams_and_ignores_batch_size(strategy, kv):
         _open_kv(model)
     else:
         _open_gates(model)
-    g = torch.Generator().manual_seed(5)
-    segs = [torch.randint(0, 64, (3, 16), generator=g) for _ in range(4)]
-    full = _stream_outputs(model, segs)
-    assert model.buffer.evictions > 0
-    other = [s.clone() for s in segs]
-    for s in other:
-        s[1:] = torch.randint(0, 64, s[1:].shape, generator=g)  # streams 1 and 2 change everywhere
-    torch.testing.assert_close(_stream_outputs(model, other)[0], full[0], rtol=0, atol=1e-5)
-    alone = _stream_outputs(model, [s[1:2] for s in segs])  # stream 1 read alone
-    torch.testing.assert_close(alone[0], full[1], rtol=0, atol=1e-5)
+    segs, full = _assert_streams_isolated(model)
     assert (full - model.base(input_ids=segs[-1]).logits).abs().max() > 1e-4  # the memory is read
     assert model.retrieval_stats()["retrieved_per_position"] == 6
 
@@ -627,16 +634,7 @@ def test_output_read_is_causal(fusion, j):
 def test_output_read_isolates_streams_and_ignores_batch_size(strategy):
     model = CMRModel(tiny_gpt2(), {**OUT, "retrieval_strategy": strategy, "retrieval_budget": 6, "max_clusters": 3,
                                    "max_entries_per_layer": 20})
-    g = torch.Generator().manual_seed(5)
-    segs = [torch.randint(0, 64, (3, 16), generator=g) for _ in range(4)]
-    full = _stream_outputs(model, segs)
-    assert model.buffer.evictions > 0
-    other = [s.clone() for s in segs]
-    for s in other:
-        s[1:] = torch.randint(0, 64, s[1:].shape, generator=g)
-    torch.testing.assert_close(_stream_outputs(model, other)[0], full[0], rtol=0, atol=1e-5)
-    alone = _stream_outputs(model, [s[1:2] for s in segs])
-    torch.testing.assert_close(alone[0], full[1], rtol=0, atol=1e-5)
+    _assert_streams_isolated(model)
 
 
 def test_output_read_generates_what_the_forward_predicts_and_trains():
