@@ -538,7 +538,8 @@ def test_train_cmr_gives_the_contextual_scorer_its_own_learning_rate():
 OUT = {"memory_fusion": "output", "relevance_threshold": 0.0, "similarity_threshold": -1.0}
 
 
-def test_output_read_equals_a_loop_over_positions_with_gradients():
+@pytest.mark.parametrize("centered", [False, True])
+def test_output_read_equals_a_loop_over_positions_with_gradients(centered):
     from mnnn.layers.output_read import OutputRead
 
     torch.manual_seed(3)
@@ -546,6 +547,7 @@ def test_output_read_equals_a_loop_over_positions_with_gradients():
     read = OutputRead(D, theta=3.0, lambda_init=0.2)
     with torch.no_grad():
         read.gate.weight.normal_()
+        read.proj.weight.add_(0.3 * torch.randn(D, D))
     logits = torch.randn(B, T, V, requires_grad=True)
     query, states = torch.randn(B, T, D), torch.randn(B, N, D)
     next_token = torch.randint(0, 3, (B, N))  # few tokens: entries share them
@@ -554,7 +556,8 @@ def test_output_read_equals_a_loop_over_positions_with_gradients():
     idx[0, 1] = 2  # every pick unknown: the position keeps p_LM
     valid = torch.rand(B, T, k) > 0.3
     valid[1, 3] = False  # nothing picked
-    out, lam = read(logits, query, states, next_token, idx, valid)
+    center = torch.randn(B, 1, D) if centered else None
+    out, lam = read(logits, query, states, next_token, idx, valid, center)
     ref, ref_lam = torch.empty(B, T, V), torch.zeros(B, T)
     for b in range(B):
         for t in range(T):
@@ -563,8 +566,11 @@ def test_output_read_equals_a_loop_over_positions_with_gradients():
             if not picks:
                 ref[b, t] = torch.log(p_lm)
                 continue
-            q = query[b, t] / query[b, t].norm()
-            cos = torch.stack([q @ (states[b, i] / states[b, i].norm()) for i in picks])
+            c = center[b, 0] if centered else torch.zeros(D)
+            W = read.proj.weight
+            q = W @ (query[b, t] - c)
+            q = q / q.norm()
+            cos = torch.stack([q @ (W @ (states[b, i] - c)) / (W @ (states[b, i] - c)).norm() for i in picks])
             w = torch.softmax(read.log_theta.exp() * cos, 0)
             p_mem = torch.zeros(V)
             for wi, i in zip(w, picks):
@@ -575,8 +581,9 @@ def test_output_read_equals_a_loop_over_positions_with_gradients():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lam, ref_lam.detach(), rtol=1e-5, atol=1e-6)
     target = torch.randint(0, 3, (B, T))
-    grads = torch.autograd.grad(out.gather(-1, target[..., None]).sum(), [logits, read.log_theta, read.gate.weight])
-    ref_grads = torch.autograd.grad(ref.gather(-1, target[..., None]).sum(), [logits, read.log_theta, read.gate.weight])
+    params = [logits, read.log_theta, read.gate.weight, read.proj.weight]
+    grads = torch.autograd.grad(out.gather(-1, target[..., None]).sum(), params)
+    ref_grads = torch.autograd.grad(ref.gather(-1, target[..., None]).sum(), params)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
@@ -654,8 +661,54 @@ def test_output_read_generates_what_the_forward_predicts_and_trains():
     assert all(torch.equal(p, base[n]) for n, p in model.base.named_parameters())
 
 
+def test_output_read_layer_picks_the_block_it_queries():
+    s1, s2 = _segments()
+    for extra, block in (({}, 2), ({"output_read_layer": 0}, 0),
+                         ({"output_read_layer": 2, "layer_indexing": "hidden_states", "target_layers": [1, 2, 3]}, 1)):
+        model = CMRModel(tiny_gpt2(), {**OUT, "target_layers": [0, 1, 2], **extra})
+        assert model.read_layer == block
+        with torch.no_grad():
+            model(s1)
+            assert set(model._token_views(2)) == {block}  # 'output' alone: no other layer retrieves
+            model(s2)
+        assert set(model.last_retrieval) == {block}
+    both = CMRModel(tiny_gpt2(), {**OUT, "memory_fusion": "both", "target_layers": [0, 1, 2], "output_read_layer": 0})
+    with torch.no_grad():
+        both(s1)
+    assert set(both._token_views(2)) == set(both.target_layers)  # the reweaving reads every target layer
+
+
+def test_output_read_centres_as_the_retrieval_does():
+    s1, s2 = _segments()
+    logits = {}
+    for center in (True, False):
+        model = CMRModel(tiny_gpt2(), {**OUT, "retrieval_strategy": "semantic", "center_keys": center,
+                                       "retrieval_budget": 64})  # every entry: the same picks either way
+        with torch.no_grad():
+            model(s1)
+            logits[center] = model(s2).logits
+    assert (logits[True] - logits[False]).abs().max() > 1e-4
+
+
+def test_train_mode_leaves_the_frozen_base_in_eval_mode():
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=3,
+                                                                n_head=4, resid_pdrop=0.5))
+    model = CMRModel(base, OUT)
+    model.train()
+    assert model.training and model.output_read.training and not any(m.training for m in model.base.modules())
+    s1, _ = _segments()
+    with torch.no_grad():  # dropout off: two training-mode passes of the base agree
+        assert torch.equal(model(s1, use_memory=False).logits, model(s1, use_memory=False).logits)
+    train_cmr(model, torch.randint(0, 64, (400,)), 16, 2, batch_size=2)
+    assert not model.base.training
+    info = model.memory_info()
+    assert info["output_theta"] == model.output_read.theta and info["output_lambda"] is not None
+
+
 def test_output_read_bad_configs():
-    for bad, match in (({"memory_fusion": "logits"}, "memory_fusion must be one of"),
+    for bad, match in (({"memory_fusion": "output", "output_read_layer": 5}, "output_read_layer"),
+                       ({"memory_fusion": "output", "target_layers": [0, 2], "output_read_layer": 1},
+                        "output_read_layer"),({"memory_fusion": "logits"}, "memory_fusion must be one of"),
                        ({"memory_fusion": "output", "retrieval_mode": "segment"}, "retrieval_mode='token'"),
                        ({"memory_fusion": "both", "reconstruction_method": "kv_attention"}, "cross_attention"),
                        ({"memory_fusion": "output", "output_lambda_init": 1.0}, "output_lambda_init"),

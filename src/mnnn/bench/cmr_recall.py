@@ -29,10 +29,19 @@ over the 500 steps; the contextual scorer, which starts as the mean attention lo
 ``kv_scorer_lr`` = 3e-4: in our probe scorer learning rates of 3e-2 / 3e-3 / 3e-4 / 1e-4 gave
 0.11 / 0.72 / 0.85 / 0.84, a random-init scorer at 3e-2 / 1e-3 / 3e-3 gave 0.14 / 0.48 / 0.79).
 Untrained, that read is the base attending over its retrieved past as if it were earlier context.
+KV rows train for ``kv_steps`` = 1000 episodes (their loss was still falling at 500: semantic
+0.875 at 500, 0.893 at 1000 in our probe). The row "multi_criteria, KV read, weights ..." sets
+``criteria_weights`` to ``kv_criteria_weights`` (similarity-led) at ``kv_lr``: with the seed's
+weights (relevance 0.4, similarity 0.3, recency 0.2, diversity 0.1) two query-independent terms
+outweigh the cosine, every position picks much the same entries, and the fact's entries are
+picked less often than at random in block 0 (0.13 vs chance 0.56 at git 830e356).
 Rows marked "output read" use ``memory_fusion='output'``
 (:class:`mnnn.layers.output_read.OutputRead`): no reweaving; the entries each position picks in
-the last target layer vote for the tokens that followed them, mixed into the base's next-token
-distribution by a learned gate (its gate and temperature train at ``output_lr``).
+one block (``output_read_layer`` = block 0, or the last block where the row says so) vote for the
+tokens that followed them, mixed into the base's next-token distribution by a learned gate (its
+gate, temperature and query/entry map train at ``output_lr`` for ``output_steps`` episodes).
+Block 0's states are mostly the token itself, which is what a key has to match here; in our
+probe (1000 steps) block 0 answered 0.81 and the last block 0.64.
 
 Planted hit rate: at the query keys (the positions that predict a value), the share whose
 retrieved entries include a state of the asked fact (its key or value position in segment 0) in
@@ -59,7 +68,9 @@ PRESETS = {
                 "n_layer": 3, "n_head": 4, "base_lr": 5e-4, "base_steps": 5000, "base_target": 0.97, "cmr_steps": 500, "batch": 32,
                 "budget": 32, "eval_episodes": 512, "segment_strategies": ("multi_criteria",), "kv_lr": 3e-2,
                 "kv_lr_by_strategy": {"multi_criteria": 3e-3}, "kv_scorer_lr": 3e-4,
-                "value_ablations": (("semantic", "self"), ("semantic", "next_token")), "output_lr": 3e-2},
+                "value_ablations": (("semantic", "self"), ("semantic", "next_token")), "output_lr": 3e-2,
+                "kv_steps": 1000, "output_steps": 1000, "output_read_layer": 0,
+                "kv_criteria_weights": {"relevance": 0.1, "similarity": 0.7, "recency": 0.1, "diversity": 0.1}},
     "toy": {"keys": 8, "filler": 8, "segment": 16, "n_facts": 4, "n_query": 4, "gap": 1, "n_embd": 16,
             "n_layer": 2, "n_head": 2, "base_lr": 1e-3, "base_steps": 3, "base_target": 0.97, "cmr_steps": 2, "batch": 4, "budget": 8,
             "eval_episodes": 8, "kv_lr": 3e-2, "output_lr": 3e-2},
@@ -206,12 +217,13 @@ def train_base(gpt2, c, progress: bool) -> list[float]:
 
 
 def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str, lr: float = 3e-3,
-                       scorer_lr: float | None = None) -> list[float]:
-    """AdamW over the CMR parameters at ``lr``; the contextual scorer's at ``scorer_lr`` when given."""
+                       scorer_lr: float | None = None, steps: int | None = None) -> list[float]:
+    """AdamW over the CMR parameters at ``lr`` for ``steps`` (default ``cmr_steps``) episodes; the
+    contextual scorer's at ``scorer_lr`` when given."""
     g = torch.Generator().manual_seed(2)
     opt = torch.optim.AdamW(model.optimizer_groups(lr, lr if scorer_lr is None else scorer_lr), lr=lr)
     losses = []
-    for _ in tqdm(range(c["cmr_steps"]), desc=desc, disable=not progress):
+    for _ in tqdm(range(c["cmr_steps"] if steps is None else steps), desc=desc, disable=not progress):
         model.train()
         segs, mask, _ = episode_batch(c, c["batch"], g)
         loss, _ = _masked_loss_acc(_run_episode(model, segs, True), segs[-1], mask)
@@ -228,16 +240,21 @@ _VALUE_LABEL = {"self": "own state", "next_token": "next token's embedding", "ne
                 "output": "output read"}
 
 
-def _cmr(gpt2, c, strategy: str, budget: int, mode: str = "token", values: str = "next") -> CMRModel:
+def _cmr(gpt2, c, strategy: str, budget: int, mode: str = "token", values: str = "next",
+         extra: dict | None = None) -> CMRModel:
     torch.manual_seed(3)
     kv, output = values == "kv", values == "output"
-    return CMRModel(gpt2, {"retrieval_strategy": strategy, "retrieval_budget": budget, "similarity_threshold": -1.0,
+    return CMRModel(gpt2, {**(extra or {}), "retrieval_strategy": strategy, "retrieval_budget": budget, "similarity_threshold": -1.0,
                            "retrieval_mode": mode, "memory_values": None if kv or output else values,
                            "reconstruction_method": "kv_attention" if kv else "cross_attention",
                            "memory_fusion": "output" if output else "reweave",
                            "relevance_threshold": 0.0, "max_clusters": 8, "context_heads": 4,
                            "max_entries_per_layer": 100_000, "max_total_entries": 1_000_000,
                            "target_layers": list(range(c["n_layer"]))})
+
+
+def _weights_label(weights: dict[str, float]) -> str:
+    return "/".join(f"{k} {v:g}" for k, v in weights.items())
 
 
 def _detach(model: CMRModel) -> None:
@@ -279,25 +296,36 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                  "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9)})
     _detach(untrained_kv)
     curves = {}
-    configs = ([("all memories", "semantic", entries, "token", "next")]
-               + [(s, s, c["budget"], "token", "next") for s in STRATEGIES]
-               + [(f"{s}, values = {_VALUE_LABEL[v]}", s, c["budget"], "token", v) for s, v in c.get("value_ablations", ())]
-               + [(f"{s}, per segment", s, c["budget"], "segment", "next") for s in c.get("segment_strategies", ())]
-               + [("all memories, KV read", "semantic", entries, "token", "kv")]
-               + [(f"{s}, KV read", s, c["budget"], "token", "kv") for s in STRATEGIES]
-               + [(f"{s}, output read", s, c["budget"], "token", "output") for s in STRATEGIES])
-    last = str(c["n_layer"] - 1)
-    for label, strategy, budget, mode, values in configs:
-        model = _cmr(gpt2, c, strategy, budget, mode, values)
+    weights = c.get("kv_criteria_weights")
+    read_at = c.get("output_read_layer")
+    at = {} if read_at is None else {"output_read_layer": read_at}
+    configs = ([("all memories", "semantic", entries, "token", "next", {})]
+               + [(s, s, c["budget"], "token", "next", {}) for s in STRATEGIES]
+               + [(f"{s}, values = {_VALUE_LABEL[v]}", s, c["budget"], "token", v, {})
+                  for s, v in c.get("value_ablations", ())]
+               + [(f"{s}, per segment", s, c["budget"], "segment", "next", {}) for s in c.get("segment_strategies", ())]
+               + [("all memories, KV read", "semantic", entries, "token", "kv", {})]
+               + [(f"{s}, KV read", s, c["budget"], "token", "kv", {}) for s in STRATEGIES]
+               + ([("multi_criteria, KV read, weights " + _weights_label(weights), "multi_criteria", c["budget"],
+                    "token", "kv", {"criteria_weights": weights})] if weights else [])
+               + [("semantic, output read at the last block", "semantic", c["budget"], "token", "output", {})]
+               + [(f"{s}, output read" + ("" if read_at is None else f" at block {read_at}"), s, c["budget"], "token",
+                   "output", at) for s in STRATEGIES])
+    for label, strategy, budget, mode, values, extra in configs:
+        model = _cmr(gpt2, c, strategy, budget, mode, values, extra)
+        last = str(model.read_layer if values == "output" else c["n_layer"] - 1)
         start = time.perf_counter()
-        lr = (c.get("kv_lr_by_strategy", {}).get(strategy, c["kv_lr"]) if values == "kv"
-              else c["output_lr"] if values == "output" else 3e-3)
+        lr = (c.get("kv_lr_by_strategy", {}).get(strategy, c["kv_lr"]) if values == "kv" and not extra
+              else c["kv_lr"] if values == "kv" else c["output_lr"] if values == "output" else 3e-3)
+        steps = c.get(f"{values}_steps") if values in ("kv", "output") else None
         scorer_lr = c.get("kv_scorer_lr") if values == "kv" else None
-        curves[label] = train_cmr_episodes(model, c, progress, f"CMR {label}", lr, scorer_lr)
+        curves[label] = train_cmr_episodes(model, c, progress, f"CMR {label}", lr, scorer_lr, steps)
         details: dict = {}
         acc = evaluate(model, episodes, details=details)
         rows.append({"model": f"CMR trained: {label}", "strategy": strategy, "mode": mode, "memory_values": values,
-                     "budget": budget, "lr": lr, "scorer_lr": scorer_lr if strategy == "contextual" else None,
+                     "budget": budget, "lr": lr, "steps": len(curves[label]), "read_layer": int(last),
+                     **({"criteria_weights": extra["criteria_weights"]} if "criteria_weights" in extra else {}),
+                     "scorer_lr": scorer_lr if strategy == "contextual" else None,
                      "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9),
                      "accuracy_memory_off": evaluate(model, episodes, False),
                      "planted_hit_rate": details.get(last, {}).get("planted_hit_rate"),

@@ -14,8 +14,9 @@ with and without CMR memory.
    distribution, per-token semantic retrieval of 32 and of 128 entries by cosine with no floor;
    it stores every position, as a cache does, where the reweaving variants keep the default
    relevance filter; its gate and temperature train at ``cmr_lr_output`` = 3e-2: at 3e-3 the
-   gate barely moved from its start in 150 steps). The base's dropout is off while CMR trains
-   (its weights are frozen; :func:`train_cmr` switches the whole model to train mode).
+   gate barely moved from its start in 150 steps). The output read's cosine is centred on the
+   stream's mean entry, as the retrieval's is. The frozen base's dropout stays off while CMR
+   trains (``CMRModel.train`` keeps the base in eval mode).
 3. The valid slice is read in segments by parallel streams: the base alone, CMR untrained (must
    equal the base), the KV read untrained (memory weight 0: the base attending over its retrieved
    past), the output read untrained (its initial lambda and theta) and every CMR trained, with
@@ -101,11 +102,6 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                          time_budget_s=c["base_budget_s"], progress=progress)
     base_s = time.perf_counter() - start
     gpt2.eval()
-    # the base is frozen from here on: train_cmr puts the whole model in train mode, which would
-    # switch the base's dropout on while the CMR parameters learn (and off again for evaluation)
-    for module in gpt2.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
     rows, cmr_s, losses, gates, memory_info = [], {}, {}, {}, {}
     for values in c["values"]:
         kv, output = values == "kv", values.startswith("output")
@@ -141,8 +137,6 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                  else f"CMR trained (values: {values})")
         on = segment_ppl(model, valid, c["streams"], c["segment"], True)
         memory_info[values] = model.memory_info()  # of the memory-on pass (the next pass resets it)
-        if output:
-            memory_info[values].update({k: model.retrieval_stats()[k] for k in ("output_lambda", "output_theta")})
         off = segment_ppl(model, valid, c["streams"], c["segment"], False)
         rows += [{"model": f"{label}, memory on", "valid_ppl": on, "vs_base": on / rows[0]["valid_ppl"]},
                  {"model": f"{label}, memory off", "valid_ppl": off}]

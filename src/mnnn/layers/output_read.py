@@ -4,17 +4,23 @@ For position ``t`` with query ``q_t`` (its hidden state at the read layer) and r
 ``i`` (states ``k_i`` of earlier segments, each stored with the token ``y_i`` that followed it):
 
 .. math::
-    w_{t,i} = \\mathrm{softmax}_i(\\theta \\cos(q_t, k_i)), \\qquad
+    w_{t,i} = \\mathrm{softmax}_i(\\theta \\cos(W (q_t - c), W (k_i - c))), \\qquad
     p_{mem}(w) = \\sum_{i: y_i = w} w_{t,i}, \\qquad
-    \\lambda_t = \\sigma(g^\\top \\hat q_t + b), \\\\
+    \\lambda_t = \\sigma(g^\\top \\widehat{W (q_t - c)} + b), \\\\
     p(w) = (1 - \\lambda_t)\\, p_{LM}(w) + \\lambda_t\\, p_{mem}(w)
 
 Grave et al. 2017's continuous cache and kNN-LM's mixture, over CMR's own buffer: the same
 entries the reweaving reads, picked by the same retrieval strategy. It returns exact
 log-probabilities (computed in log space), so they stand in for the base's logits: a softmax
 or cross-entropy over them is the mixture's. A position with no readable entry keeps ``p_LM``
-exactly. ``theta``, ``g`` and ``b`` are the only parameters (``lambda`` starts at
-``lambda_init``). Cost: one ``log_softmax`` over the vocabulary plus two more ``[B, T, V]``
+exactly. ``c`` is the stream's mean entry when the caller centres (CMR does with
+``center_keys``, as its retrieval does), else 0. ``W`` (``proj``, a ``D x D`` map that starts as
+the identity, so the untrained read is the plain cosine), ``theta``, ``g`` and ``b`` are the only
+parameters (``lambda`` starts at ``lambda_init``). ``W`` lets the read learn which part of a
+state to match on: in the planted-recall probe (facts two segments back, budget 32, 500 steps)
+the read at the last block answered 0.21 with the plain centred cosine and 0.57 with ``W``, at
+block 0 0.26 and 0.79. The entries are mapped once per stream (``O(B N D^2)``), then gathered.
+Cost: one ``log_softmax`` over the vocabulary plus two more ``[B, T, V]``
 tensors; the memory side is ``O(B T k^2)`` (p_mem is only ever non-zero at the k picked tokens).
 """
 
@@ -40,6 +46,8 @@ class OutputRead(nn.Module):
         if not (isinstance(lambda_init, (int, float)) and 0 < lambda_init < 1):
             raise ValueError(f"output_lambda_init must be in (0, 1), got {lambda_init!r}")
         self.log_theta = nn.Parameter(torch.tensor(math.log(theta)))
+        self.proj = nn.Linear(dim, dim, bias=False)  # W: identity at the start (the plain cosine)
+        nn.init.eye_(self.proj.weight)
         self.gate = nn.Linear(dim, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, math.log(lambda_init / (1 - lambda_init)))
@@ -49,16 +57,22 @@ class OutputRead(nn.Module):
         return float(self.log_theta.detach().exp())
 
     def forward(self, logits: torch.Tensor, query: torch.Tensor, states: torch.Tensor, next_token: torch.Tensor,
-                idx: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                idx: torch.Tensor, valid: torch.Tensor,
+                center: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``logits [B, T, V]`` of the base; ``query [B, T, D]``; the stream's entries ``states
         [B, N, D]`` and ``next_token [B, N]`` (-1: unknown); the retrieval's picks ``idx [B, T, k]``
-        into them and ``valid [B, T, k]``. Returns the mixture's log-probabilities ``[B, T, V]``
-        and ``lambda_t [B, T]`` (0 where nothing was readable)."""
+        into them and ``valid [B, T, k]``; ``center [B, 1, D]`` (optional) is subtracted from the
+        query and the entries before the cosine. Returns the mixture's log-probabilities
+        ``[B, T, V]`` and ``lambda_t [B, T]`` (0 where nothing was readable)."""
         B, T, k = idx.shape
         flat = idx.reshape(B, T * k)
         tokens = next_token.gather(1, flat).reshape(B, T, k)
         ok = valid & (tokens >= 0)
-        keys = F.normalize(states.gather(1, flat[..., None].expand(-1, -1, states.shape[-1])).reshape(B, T, k, -1), dim=-1)
+        if center is not None:
+            query, states = query - center, states - center
+        query, states = self.proj(query), self.proj(states)  # the stream's entries once, then gathered
+        keys = F.normalize(states.gather(1, flat[..., None].expand(-1, -1, states.shape[-1])).reshape(B, T, k, -1),
+                           dim=-1)
         q = F.normalize(query, dim=-1)
         cos = torch.einsum("btd,btkd->btk", q.to(keys.dtype), keys)
         w = torch.softmax((self.log_theta.exp() * cos).masked_fill(~ok, float("-inf")), -1)

@@ -85,10 +85,13 @@ class CMRConfig:
     enable_background_optimization: bool = False
     # where a read goes: 'reweave' into the hidden states (above), 'output' into the next-token
     # distribution (OutputRead: the retrieved entries' next tokens, mixed with a learned gate),
-    # 'both'. The output read queries the last target layer and needs per-token retrieval.
+    # 'both'. The output read queries one target layer (output_read_layer, numbered as
+    # target_layers; None: the last) and needs per-token retrieval. Its cosine is centred as the
+    # retrieval's is when center_keys is set.
     memory_fusion: str = "reweave"
     output_theta: float = 10.0
     output_lambda_init: float = 0.05
+    output_read_layer: int | None = None
 
     def __post_init__(self) -> None:
         for key, why in _REFUSED.items():
@@ -252,10 +255,10 @@ class CMRModel(nn.Module):
                                    cfg.cache_size, cfg.max_clusters, cfg.criteria_weights, self.scorer,
                                    center=cfg.center_keys)
         self.relevance_threshold = cfg.relevance_threshold
-        self.read_layer = self.target_layers[-1]
+        self.read_layer = self._read_layer(cfg)
         self.output_read = (OutputRead(dim, cfg.output_theta, cfg.output_lambda_init)
                             if cfg.memory_fusion != "reweave" else None)
-        self._picks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._picks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if self.kv:
             self._handles = [h for layer in self.target_layers for h in (
                 self.blocks[layer].attn.c_attn.register_forward_hook(self._qkv_hook(layer)),
@@ -272,6 +275,24 @@ class CMRModel(nn.Module):
         self._capture = False
         self.last_retrieval: dict[int, dict[str, torch.Tensor]] = {}
         self.reset_memory()
+
+    def _read_layer(self, cfg: CMRConfig) -> int:
+        """The block the output read queries: ``output_read_layer`` in the numbering of
+        ``target_layers`` (``layer_indexing``), which must name one of them; None: the last."""
+        if cfg.output_read_layer is None:
+            return self.target_layers[-1]
+        layer = cfg.output_read_layer - (cfg.layer_indexing == "hidden_states")
+        if layer not in self.target_layers:
+            raise ValueError(f"output_read_layer must be one of target_layers (numbered as layer_indexing="
+                             f"{cfg.layer_indexing!r}), got {cfg.output_read_layer!r}")
+        return layer
+
+    def train(self, mode: bool = True) -> "CMRModel":
+        """Train mode for CMR's own modules; the frozen base stays in eval mode (its dropout off),
+        so the base a CMR trains against is the base it is evaluated with."""
+        super().train(mode)
+        self.base.eval()
+        return self
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, cmr_config: CMRConfig | dict | None = None, **kwargs) -> "CMRModel":
@@ -306,7 +327,7 @@ class CMRModel(nn.Module):
                 self._captured[layer] = hidden.detach()
             if layer in self._views:
                 if self.config.memory_fusion == "output":  # pick for the output read; the block is untouched
-                    self._reweave_tokens(layer, hidden, reweave=False)
+                    self._pick_tokens(layer, hidden)
                     return output
                 hidden = self._reweave_tokens(layer, hidden)
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -365,9 +386,10 @@ class CMRModel(nn.Module):
         return reader(a, qh, k.reshape(B, T, heads, head_dim), mem_k, mem_v, picked, scale,
                       self._attention_mask, score_bias)
 
-    def _reweave_tokens(self, layer: int, hidden: torch.Tensor, reweave: bool = True) -> torch.Tensor:
-        """Per-token retrieval and reweaving for one layer (inside the block's forward hook). The
-        read layer keeps its picks and query for the output read; ``reweave=False`` only picks."""
+    def _pick_tokens(self, layer: int, hidden: torch.Tensor):
+        """Per-token retrieval for one layer (inside the block's forward hook): ``(idx, valid,
+        bias)`` as :meth:`Retriever.retrieve_tokens` gives them. The read layer keeps its picks
+        and query for the output read."""
         start = time.perf_counter()
         view = self._views[layer]
         version = self.buffer.version[layer]
@@ -385,22 +407,35 @@ class CMRModel(nn.Module):
             self._token_stats(layer, view, idx, valid)
         if self.output_read is not None and layer == self.read_layer:
             self._picks[layer] = (idx, valid, hidden.detach())
-        if not reweave:
-            return hidden
+        return idx, valid, bias
+
+    def _reweave_tokens(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Per-token retrieval and reweaving for one layer."""
+        view = self._views[layer]
+        idx, valid, bias = self._pick_tokens(layer, hidden)
         learned = self.config.retrieval_strategy == "contextual"
         return self.reweavers[str(layer)].forward_tokens(
             hidden, view["states"].to(hidden.device), idx, valid, bias if learned else None,
             view["values"].to(hidden.device), None if learned else bias)
 
+    def _mix_output(self, logits: torch.Tensor, positions: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """:class:`OutputRead` over the read layer's picks at ``positions`` (all of them in the
+        forward, the last one while generating): ``(log-probabilities, lambda)``."""
+        idx, valid, query = self._picks.pop(self.read_layer)
+        view = self._views[self.read_layer]
+        dev = logits.device
+        states = view["states"].to(dev)
+        center = None
+        if self.config.center_keys:  # the cosine the retrieval ranked by: minus the stream's mean entry
+            m = view["mask"].to(dev)[..., None].to(states.dtype)
+            center = (states * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
+        return self.output_read(logits, query[:, positions].to(dev), states, view["next_token"].to(dev),
+                                idx[:, positions].to(dev), valid[:, positions].to(dev), center)
+
     def _read_output(self, out, labels: torch.Tensor | None) -> None:
         """The output read: ``out.logits`` become the mixture's log-probabilities (and
         ``out.loss``, with ``labels``, its shifted cross-entropy, as the base computes it)."""
-        idx, valid, query = self._picks[self.read_layer]
-        view = self._views[self.read_layer]
-        logits = out.logits
-        mixed, lam = self.output_read(logits, query.to(logits.device), view["states"].to(logits.device),
-                                      view["next_token"].to(logits.device), idx.to(logits.device),
-                                      valid.to(logits.device))
+        mixed, lam = self._mix_output(out.logits)
         out["logits"] = mixed
         if labels is not None:
             out["loss"] = F.cross_entropy(mixed[:, :-1].reshape(-1, mixed.shape[-1]), labels[:, 1:].reshape(-1),
@@ -526,9 +561,7 @@ class CMRModel(nn.Module):
         self._attention_mask = attention_mask
         if use_memory:
             if self.config.retrieval_mode == "token":
-                batch = input_ids.shape[0]
-                read = [self.read_layer] if self.config.memory_fusion == "output" else self.target_layers
-                self._views = {layer: self.buffer.padded(layer, batch) for layer in read if self.buffer.size(layer)}
+                self._views = self._token_views(input_ids.shape[0])
                 self._targets = _next_tokens(input_ids, attention_mask)
                 self.stats["reads"] += 1
                 self.stats["reads_with_memory"] += int(bool(self._views))
@@ -560,6 +593,12 @@ class CMRModel(nn.Module):
             out["retrieval_stats"] = self.retrieval_stats()
         return out
 
+    def _token_views(self, batch: int) -> dict[int, dict[str, torch.Tensor]]:
+        """Per-token mode: the padded store of every layer that reads (only the read layer when
+        the memory goes to the output alone), for ``batch`` streams."""
+        read = [self.read_layer] if self.config.memory_fusion == "output" else self.target_layers
+        return {layer: self.buffer.padded(layer, batch) for layer in read if self.buffer.size(layer)}
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, use_memory: bool = True, **kwargs) -> torch.Tensor:
         """``base.generate`` with memory (nothing is stored while generating). Per-token mode: every
@@ -576,8 +615,7 @@ class CMRModel(nn.Module):
             kwargs["use_cache"] = False
         if use_memory:
             if self.config.retrieval_mode == "token":
-                self._views = {layer: self.buffer.padded(layer, input_ids.shape[0]) for layer in self.target_layers
-                               if self.buffer.size(layer)}
+                self._views = self._token_views(input_ids.shape[0])
             else:
                 self._retrieve(input_ids.shape[0], input_ids.device)
         if self.output_read is not None and self.read_layer in self._views:
@@ -626,6 +664,7 @@ class CMRModel(nn.Module):
         r = self.retrieval_stats()
         return {**self.buffer.stats(), "segment": self.segment, "retrieved_entries": s["retrieved"],
                 "hit_rate": r["hit_rate"], "hit_rate_chance": r["hit_rate_chance"], "coverage": r["coverage"],
+                "output_lambda": r["output_lambda"], "output_theta": r["output_theta"],
                 "retrieval_ms_per_segment": self.performance_stats()["retrieval_ms_per_segment"],
                 "cache_hits": r["cache_hits"], "cache_misses": r["cache_misses"]}
 
@@ -672,12 +711,7 @@ class _OutputReadProcessor:
         self.model = model
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        idx, valid, query = m._picks.pop(m.read_layer)
-        view = m._views[m.read_layer]
-        dev = scores.device
-        mixed, _ = m.output_read(scores[:, None], query[:, -1:].to(dev), view["states"].to(dev),
-                                 view["next_token"].to(dev), idx[:, -1:].to(dev), valid[:, -1:].to(dev))
+        mixed, _ = self.model._mix_output(scores[:, None], slice(-1, None))
         return mixed[:, 0]
 
 
