@@ -14,36 +14,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from mnnn.bench import SUITES, get_suite
-    from mnnn.bench.common import git_state
+    from mnnn.bench.runner import run_suites
 
-    git_state()  # the revision and dirtiness of the code as it is loaded now, before any suite runs
-    names = list(SUITES) if args.suite == "all" else [args.suite]
-    failed, skipped = False, 0
-    for name in names:
-        try:
-            run = get_suite(name, args.preset)
-        except (KeyError, ValueError) as err:
-            if args.suite == "all" and isinstance(err, ValueError):
-                print(f"{name}: skipped ({err.args[0]})", file=sys.stderr)
-                skipped += 1
-                if skipped == len(names):
-                    print(f"error: no suite has the preset {args.preset!r}", file=sys.stderr)
-                    return 2
-                continue
-            print(f"error: {err.args[0]}", file=sys.stderr)
-            return 2
-        payload = run(args.out, preset=args.preset, progress=not args.quiet)
-        check = payload.get("check")
-        if isinstance(check, dict) and check.get("passed") is False:
-            # the suite's check failed before anything was timed: nothing it would print is trustworthy
-            for failure in check.get("failures", []):
-                print(f"{name}: check failed: {failure}", file=sys.stderr)
-            print(f"{name}: check failed; the failure is recorded in {args.out}", file=sys.stderr)
-            failed = True
-            continue
-        print(f"{name}: results written to {args.out} ({len(payload['results'])} rows)")
-    return 1 if failed else 0
+    return run_suites(args.suite, args.out, preset=args.preset, progress=not args.quiet)
 
 
 def _load_data(split: str):

@@ -4,7 +4,8 @@ from mnnn.bench.readme import update
 
 
 def _git_repo(path) -> str:
-    """A repository at ``path`` with src/model.py and src/other.py committed; returns the revision."""
+    """A repository at ``path`` with src/model.py, src/other.py and src/mnnn/cli.py committed;
+    returns the revision."""
     import subprocess
 
     def git(*args):
@@ -16,6 +17,8 @@ def _git_repo(path) -> str:
     (path / "src").mkdir()
     (path / "src" / "model.py").write_text("x = 1\n")
     (path / "src" / "other.py").write_text("y = 1\n")
+    (path / "src" / "mnnn").mkdir()
+    (path / "src" / "mnnn" / "cli.py").write_text("z = 1\n")
     git("add", ".")
     git("commit", "-qm", "one")
     return git("rev-parse", "HEAD")
@@ -77,6 +80,13 @@ def test_stale_results_are_refused(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("<!-- bench:copy -->old<!-- /bench:copy -->\n")
     (tmp_path / "src" / "other.py").write_text("y = 2\n")  # not measured by the suite: still fresh
+    update(readme, res)
+    assert "0.7" in readme.read_text()
+    readme.write_text("<!-- bench:copy -->old<!-- /bench:copy -->\n")
+    (tmp_path / "src" / "mnnn" / "cli.py").write_text("z = 3\n")  # the launcher: never stale
+    (res / "copy.json").write_text(json.dumps({"date": "2026-11-24T00:00:00", "git_revision": rev, "dirty": False,
+                                               "preset": "default", "machine": {},
+                                               "sources": ["src/mnnn/cli.py", "src/model.py"]}))
     update(readme, res)
     assert "0.7" in readme.read_text()
     readme.write_text("<!-- bench:copy -->old<!-- /bench:copy -->\n")

@@ -96,11 +96,20 @@ class DirtyResult(ValueError):
     """A result whose code is not a commit: it is not spliced."""
 
 
+# Modules every suite imports that hold none of what a suite measures: ``mnnn.cli`` parses the
+# ``mnnn bench`` arguments and hands them to :func:`mnnn.bench.runner.run_suites` (which is in a
+# suite's sources); the parsed preset is in each JSON. Their edits do not make a table stale.
+LAUNCHERS = frozenset({"src/mnnn/cli.py"})
+
+
 def changed_sources(revision: str, sources: list[str], repo: Path) -> list[str] | None:
-    """The files of ``sources`` that differ between ``revision`` and the working tree of ``repo``
-    (None: git cannot tell, e.g. the revision is not in this repository)."""
+    """The files of ``sources`` (less :data:`LAUNCHERS`) that differ between ``revision`` and the
+    working tree of ``repo`` (None: git cannot tell, e.g. the revision is not in this repository)."""
+    measured = [s for s in sources if s not in LAUNCHERS]
+    if not measured:
+        return []
     try:
-        run = subprocess.run(["git", "diff", "--name-only", revision, "--", *sources], capture_output=True,
+        run = subprocess.run(["git", "diff", "--name-only", revision, "--", *measured], capture_output=True,
                              text=True, cwd=repo, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
