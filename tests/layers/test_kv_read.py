@@ -54,3 +54,32 @@ def test_closed_read_returns_its_input_and_no_memory_is_the_local_output():
         reader.bias.zero_()
     out = reader(a, q, k, mem_k, mem_v, torch.zeros_like(picked), 0.5)
     assert torch.equal(out, a)  # nothing picked anywhere: the base's output, bitwise
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_score_bias", "score_bias"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["unpadded", "padded"])
+def test_fused_inference_path_equals_the_explicit_form(with_bias, with_mask):
+    """Without gradients the read runs through the fused attention kernel: the same output."""
+    from mnnn.layers import kv_read
+
+    if kv_read._FUSED is None:
+        pytest.skip("this torch has no fused CPU attention with log-sum-exp")
+    torch.manual_seed(0)
+    reader = KVMemoryRead(3, 4)
+    with torch.no_grad():
+        reader.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        reader.query_adapter.normal_(0, 0.3)
+    q, k, v, mem_k, mem_v, picked, key_mask, score_bias = _inputs(3)
+    key_mask = key_mask if with_mask else None
+    score_bias = score_bias if with_bias else None
+    a = local_attention(q, k, v, 0.5, key_mask)
+    explicit = reader(a, q, k, mem_k, mem_v, picked, 0.5, key_mask, score_bias)  # grad mode: the explicit form
+    with torch.no_grad():
+        fused = reader(a, q, k, mem_k, mem_v, picked, 0.5, key_mask, score_bias)
+        none = reader(a, q, k, mem_k, mem_v, torch.zeros_like(picked), 0.5, key_mask, score_bias)
+    if with_mask:
+        keep = key_mask[..., None].expand_as(fused)
+        fused, explicit = torch.where(keep, fused, 0.0), torch.where(keep, explicit, 0.0)
+    torch.testing.assert_close(fused, explicit.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(fused[0, 2], explicit[0, 2].detach())  # a position that reads nothing keeps the base's
+    assert torch.equal(none, a)

@@ -557,7 +557,10 @@ def test_output_read_equals_a_loop_over_positions_with_gradients(centered):
     valid = torch.rand(B, T, k) > 0.3
     valid[1, 3] = False  # nothing picked
     center = torch.randn(B, 1, D) if centered else None
-    out, lam = read(logits, query, states, next_token, idx, valid, center)
+    score_bias = torch.randn(B, T, k, requires_grad=True)  # a learned retrieval score of each pick
+    with torch.no_grad():
+        read.score_scale.fill_(0.7)
+    out, lam = read(logits, query, states, next_token, idx, valid, center, score_bias=score_bias)
     ref, ref_lam = torch.empty(B, T, V), torch.zeros(B, T)
     for b in range(B):
         for t in range(T):
@@ -571,18 +574,28 @@ def test_output_read_equals_a_loop_over_positions_with_gradients(centered):
             q = W @ (query[b, t] - c)
             q = q / q.norm()
             cos = torch.stack([q @ (W @ (states[b, i] - c)) / (W @ (states[b, i] - c)).norm() for i in picks])
-            w = torch.softmax(read.log_theta.exp() * cos, 0)
+            r = torch.stack([score_bias[b, t, j] for j, (i, ok) in enumerate(zip(idx[b, t], valid[b, t]))
+                             if ok and next_token[b, i] >= 0])
+            w = torch.softmax(read.log_theta.exp() * cos + read.score_scale * r, 0)
             p_mem = torch.zeros(V)
             for wi, i in zip(w, picks):
                 p_mem = p_mem + wi * nn.functional.one_hot(next_token[b, i], V)
             g = torch.sigmoid(read.gate(q)[0])
             ref[b, t] = torch.log((1 - g) * p_lm + g * p_mem + 1e-30 * g)
             ref_lam[b, t] = g
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.log_softmax(-1), ref, rtol=1e-5, atol=1e-5)  # logits of the mixture
+    assert torch.equal(out[0, 1], logits[0, 1]) and torch.equal(out[1, 3], logits[1, 3])  # nothing read: the base's
+    assert ((out != logits).sum(-1) <= k).all()  # only the picked tokens' logits move
     torch.testing.assert_close(lam, ref_lam.detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no gradients: the same logits, corrected in place
+        inplace = logits.detach().clone()
+        same, _ = read(inplace, query, None, next_token, idx, valid, center, keys=read.keys(states, center),
+                       score_bias=score_bias)
+    assert same is inplace
+    torch.testing.assert_close(same, out.detach(), rtol=1e-6, atol=1e-6)
     target = torch.randint(0, 3, (B, T))
-    params = [logits, read.log_theta, read.gate.weight, read.proj.weight]
-    grads = torch.autograd.grad(out.gather(-1, target[..., None]).sum(), params)
+    params = [logits, read.log_theta, read.gate.weight, read.proj.weight, read.score_scale, score_bias]
+    grads = torch.autograd.grad(out.log_softmax(-1).gather(-1, target[..., None]).sum(), params)
     ref_grads = torch.autograd.grad(ref.gather(-1, target[..., None]).sum(), params)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
@@ -598,8 +611,9 @@ def test_output_read_switch_first_segment_and_loss():
         assert torch.equal(off, model.base(input_ids=s2).logits)
         out = model(s2, labels=s2)
     mixed = out.logits
-    assert torch.allclose(mixed.exp().sum(-1), torch.ones(2, 16), atol=1e-5)  # log-probabilities
-    assert (mixed - model.base(input_ids=s2).logits.log_softmax(-1)).abs().max() > 1e-3  # memory read
+    base = model.base(input_ids=s2).logits
+    assert (mixed - base).abs().max() > 1e-3  # memory read
+    assert ((mixed != base).sum(-1) <= model.config.retrieval_budget).all()  # at the picked tokens only
     ref = nn.functional.cross_entropy(mixed[:, :-1].reshape(-1, 64), s2[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, ref)
     stats = model.retrieval_stats()
@@ -612,7 +626,7 @@ def test_output_read_copies_a_repeated_segment():
     s1, _ = _segments()
     with torch.no_grad():
         model(s1)
-        mixed = model(s1).logits  # the same tokens again: each position's nearest entry is itself
+        mixed = model(s1).logits.log_softmax(-1)  # the same tokens again: each position's nearest entry is itself
         base = model.base(input_ids=s1).logits.log_softmax(-1)
     nll = -mixed[:, :-1].gather(-1, s1[:, 1:, None]).mean()
     assert nll < -base[:, :-1].gather(-1, s1[:, 1:, None]).mean() - 0.5
@@ -715,3 +729,34 @@ def test_output_read_bad_configs():
                        ({"memory_fusion": "output", "output_theta": float("nan")}, "output_theta")):
         with pytest.raises(ValueError, match=match):
             CMRModel(tiny_gpt2(), bad)
+
+
+def test_output_read_state_saved_before_the_learned_map_loads_as_identity():
+    from mnnn.layers.output_read import OutputRead
+
+    old = {k: v for k, v in OutputRead(6).state_dict().items() if k != "proj.weight"}
+    read = OutputRead(6)
+    with torch.no_grad():
+        read.proj.weight.normal_()
+    read.load_state_dict(old)  # strict: the missing W is filled in, not reported
+    assert torch.equal(read.proj.weight, torch.eye(6))
+
+
+def test_output_read_stores_only_its_layer_and_trains_the_contextual_scorer():
+    model = CMRModel(tiny_gpt2(), {**OUT, "retrieval_strategy": "contextual", "target_layers": [0, 1, 2],
+                                   "output_read_layer": 1})
+    s1, s2 = _segments()
+    with torch.no_grad():
+        model(s1)
+    assert model.buffer.size(1) > 0 and model.buffer.size(0) == model.buffer.size(2) == 0  # nothing else is read
+    assert model.memory_stats()["stored_fraction"] is not None
+    out = model(s2, labels=s2)
+    grads = torch.autograd.grad(out.loss, [model.output_read.score_scale, *model.scorer.parameters()])
+    assert grads[0].abs() > 0  # the scale learns first (0 at the start: the scorer changes nothing yet)
+    with torch.no_grad():
+        model.output_read.score_scale.fill_(1.0)
+    model.reset_memory()
+    with torch.no_grad():
+        model(s1)
+    out = model(s2, labels=s2)
+    assert all(g.abs().sum() > 0 for g in torch.autograd.grad(out.loss, list(model.scorer.parameters())))

@@ -216,6 +216,16 @@ def train_base(gpt2, c, progress: bool) -> list[float]:
     return accs
 
 
+def _row_lr(c, strategy: str, values: str, extra: dict) -> float:
+    """A row's learning rate: KV read at ``kv_lr`` (a strategy's own in ``kv_lr_by_strategy``,
+    unless the row sets its own ``criteria_weights``), output read at ``output_lr``, reweaving 3e-3."""
+    if values == "kv":
+        if "criteria_weights" in extra:
+            return c["kv_lr"]
+        return c.get("kv_lr_by_strategy", {}).get(strategy, c["kv_lr"])
+    return c["output_lr"] if values == "output" else 3e-3
+
+
 def train_cmr_episodes(model: CMRModel, c, progress: bool, desc: str, lr: float = 3e-3,
                        scorer_lr: float | None = None, steps: int | None = None) -> list[float]:
     """AdamW over the CMR parameters at ``lr`` for ``steps`` (default ``cmr_steps``) episodes; the
@@ -315,8 +325,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         model = _cmr(gpt2, c, strategy, budget, mode, values, extra)
         last = str(model.read_layer if values == "output" else c["n_layer"] - 1)
         start = time.perf_counter()
-        lr = (c.get("kv_lr_by_strategy", {}).get(strategy, c["kv_lr"]) if values == "kv" and not extra
-              else c["kv_lr"] if values == "kv" else c["output_lr"] if values == "output" else 3e-3)
+        lr = _row_lr(c, strategy, values, extra)
         steps = c.get(f"{values}_steps") if values in ("kv", "output") else None
         scorer_lr = c.get("kv_scorer_lr") if values == "kv" else None
         curves[label] = train_cmr_episodes(model, c, progress, f"CMR {label}", lr, scorer_lr, steps)

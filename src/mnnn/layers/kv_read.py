@@ -14,6 +14,12 @@ which equals ``softmax`` over the concatenated logits ``[q k_s c, q' K_j c + b_h
 concatenated values. ``A_h`` starts at zero and ``b_h`` at zero: untrained, a position attends to
 its retrieved entries as if they were earlier tokens of its own context. ``b_h = -inf`` closes
 the read (the base, bitwise).
+
+Without gradients on the CPU, both log-sum-exps and ``m_t`` come from PyTorch's fused attention
+kernel (``_scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp beside its
+output): the local ``z_l`` is recomputed by it instead of materialising the ``[B, H, T, T]``
+logits, and the memory side is one call with the picks as its mask. The explicit form above is
+the one that trains (and the reference the fused path is tested against).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class KVMemoryRead(nn.Module):
         logits of every head (a learned retrieval score). Returns ``[B, T, H D]``."""
         if self.closed:
             return a
+        if _FUSED is not None and not torch.is_grad_enabled() and q.device.type == "cpu":
+            return self._fused(a, q, k, mem_k, mem_v, picked, scale, key_mask, score_bias)
         B, T, H, D = q.shape
         dt = a.dtype
         qm = self.memory_query(q)
@@ -70,6 +78,33 @@ class KVMemoryRead(nn.Module):
         local_out = a.view(B, T, H, D).transpose(1, 2)
         out = local_out + w[..., None] * (m - local_out)
         return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+    def _fused(self, a, q, k, mem_k, mem_v, picked, scale, key_mask, score_bias):
+        """The forward through the fused attention kernel (no gradients): see the module docstring."""
+        B, T, H, D = q.shape
+        dt = a.dtype
+        qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+        if key_mask is None:
+            _, z_local = _FUSED(qh, kh, kh, 0.0, True, scale=scale)
+        else:  # causal and padded keys hidden, with the explicit form's finite floor
+            hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)[None, None] | \
+                ~key_mask.bool()[:, None, None, :]
+            floor = torch.zeros(hidden.shape, dtype=dt, device=q.device).masked_fill(hidden, torch.finfo(dt).min)
+            _, z_local = _FUSED(qh, kh, kh, 0.0, False, attn_mask=floor, scale=scale)
+        bias = torch.zeros((), dtype=dt, device=q.device) if score_bias is None else score_bias.to(dt)
+        mem_mask = torch.where(picked, bias, torch.full((), float("-inf"), dtype=dt, device=q.device))[:, None]
+        m, z_mem = _FUSED(self.memory_query(q).transpose(1, 2), mem_k.to(dt).transpose(1, 2),
+                          mem_v.to(dt).transpose(1, 2), 0.0, False, attn_mask=mem_mask, scale=scale)
+        has = picked.any(-1)[:, None]  # [B, 1, T]
+        w = torch.sigmoid(z_mem + self.bias.to(dt)[None, :, None] - z_local)
+        local_out = a.view(B, T, H, D).transpose(1, 2)
+        out = torch.where(has[..., None], local_out + w[..., None] * (m - local_out), local_out)
+        return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+# PyTorch's fused CPU attention, which also returns each row's log-sum-exp (None where absent)
+_FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def kv_read_reference(reader: KVMemoryRead, q, k, v, mem_k, mem_v, picked, scale, key_mask=None, score_bias=None):

@@ -21,6 +21,13 @@ STRATEGIES = ("semantic", "contextual", "multi_criteria", "hierarchical")
 CRITERIA = ("relevance", "similarity", "recency", "diversity")
 
 
+def stream_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, d]``: each stream's mean stored entry over ``states [B, N, d]`` where ``mask [B, N]``
+    (0 for a stream with none), the centre per-token retrieval and the output read subtract."""
+    m = mask[..., None].to(states.dtype)
+    return (states * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
+
+
 def _cos(query: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
     return F.normalize(states, dim=-1) @ F.normalize(query, dim=-1)
 
@@ -169,8 +176,7 @@ class Retriever:
         qf, sf = query.float(), states.float()
         if not self.center:
             return qf, sf
-        m = mask[..., None].to(sf)
-        mean = (sf * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
+        mean = stream_mean(sf, mask)
         return qf - mean, sf - mean
 
     def _diverse_topk(self, base: torch.Tensor, states: torch.Tensor, k: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from mnnn.layers.kv_read import KVMemoryRead
 from mnnn.layers.output_read import OutputRead
 from mnnn.layers.reweave import ReweaveLayer
 from mnnn.memory.layered import EVICTION, LayeredMemoryBuffer
-from mnnn.memory.retrieval import STRATEGIES, ContextualScorer, Retriever
+from mnnn.memory.retrieval import STRATEGIES, ContextualScorer, Retriever, stream_mean
 from mnnn.validation import check_real
 
 SCORING = ("attention_based", "variance_based", "hybrid")
@@ -214,20 +214,18 @@ class CMRModel(nn.Module):
         n = len(self.blocks)
         if cfg.target_layers is None:
             layers = sorted({n // 2, n - 1})
-        elif cfg.layer_indexing == "hidden_states":
-            bad = [layer for layer in cfg.target_layers if not isinstance(layer, int) or not 1 <= layer <= n]
-            if bad:
+        else:
+            shift = _block_offset(cfg)
+            bad = [layer for layer in cfg.target_layers if not isinstance(layer, int) or not 0 <= layer - shift < n]
+            if bad and shift:
                 raise ValueError(f"target_layers {list(cfg.target_layers)} out of range: with "
                                  f"layer_indexing='hidden_states' layer L is the output of block L - 1, "
                                  f"so L must be in 1..{n} for this {n}-block model")
-            layers = [layer - 1 for layer in cfg.target_layers]
-        else:
-            layers = list(cfg.target_layers)
-            bad = [layer for layer in layers if not isinstance(layer, int) or not 0 <= layer < n]
             if bad:
-                raise ValueError(f"target_layers {layers} out of range: the model has {n} blocks (0..{n - 1}); "
-                                 f"for the seed's numbering (hidden_states index 1..{n}, e.g. [4, 8, 12] on "
-                                 f"GPT-2) pass layer_indexing='hidden_states'")
+                raise ValueError(f"target_layers {list(cfg.target_layers)} out of range: the model has {n} blocks "
+                                 f"(0..{n - 1}); for the seed's numbering (hidden_states index 1..{n}, e.g. "
+                                 f"[4, 8, 12] on GPT-2) pass layer_indexing='hidden_states'")
+            layers = [layer - shift for layer in cfg.target_layers]
         if not layers:
             raise ValueError("target_layers must name at least one block")
         self.target_layers = sorted(set(layers))
@@ -256,9 +254,12 @@ class CMRModel(nn.Module):
                                    center=cfg.center_keys)
         self.relevance_threshold = cfg.relevance_threshold
         self.read_layer = self._read_layer(cfg)
+        # the layers whose states are stored: with the output read alone, only the one it queries
+        self._stored_layers = {self.read_layer} if cfg.memory_fusion == "output" else set(self.target_layers)
         self.output_read = (OutputRead(dim, cfg.output_theta, cfg.output_lambda_init)
                             if cfg.memory_fusion != "reweave" else None)
-        self._picks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._picks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._read_keys: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the output read's, per call
         if self.kv:
             self._handles = [h for layer in self.target_layers for h in (
                 self.blocks[layer].attn.c_attn.register_forward_hook(self._qkv_hook(layer)),
@@ -281,7 +282,7 @@ class CMRModel(nn.Module):
         ``target_layers`` (``layer_indexing``), which must name one of them; None: the last."""
         if cfg.output_read_layer is None:
             return self.target_layers[-1]
-        layer = cfg.output_read_layer - (cfg.layer_indexing == "hidden_states")
+        layer = cfg.output_read_layer - _block_offset(cfg)
         if layer not in self.target_layers:
             raise ValueError(f"output_read_layer must be one of target_layers (numbered as layer_indexing="
                              f"{cfg.layer_indexing!r}), got {cfg.output_read_layer!r}")
@@ -323,7 +324,7 @@ class CMRModel(nn.Module):
     def _hook(self, layer: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            if self._capture:
+            if self._capture and layer in self._stored_layers:
                 self._captured[layer] = hidden.detach()
             if layer in self._views:
                 if self.config.memory_fusion == "output":  # pick for the output read; the block is untouched
@@ -406,7 +407,9 @@ class CMRModel(nn.Module):
         with torch.no_grad():
             self._token_stats(layer, view, idx, valid)
         if self.output_read is not None and layer == self.read_layer:
-            self._picks[layer] = (idx, valid, hidden.detach())
+            # the contextual scorer's scores join the output read's weights, so it learns there too
+            learned = bias if self.config.retrieval_strategy == "contextual" else None
+            self._picks[layer] = (idx, valid, hidden.detach(), learned)
         return idx, valid, bias
 
     def _reweave_tokens(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -420,21 +423,25 @@ class CMRModel(nn.Module):
 
     def _mix_output(self, logits: torch.Tensor, positions: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """:class:`OutputRead` over the read layer's picks at ``positions`` (all of them in the
-        forward, the last one while generating): ``(log-probabilities, lambda)``."""
-        idx, valid, query = self._picks.pop(self.read_layer)
+        forward, the last one while generating): ``(the mixture's logits, lambda)``. The entries'
+        mapped keys (and the stream's mean entry, when centring as the retrieval does) are made
+        once per forward or per ``generate`` call."""
+        idx, valid, query, learned = self._picks.pop(self.read_layer)
         view = self._views[self.read_layer]
         dev = logits.device
-        states = view["states"].to(dev)
-        center = None
-        if self.config.center_keys:  # the cosine the retrieval ranked by: minus the stream's mean entry
-            m = view["mask"].to(dev)[..., None].to(states.dtype)
-            center = (states * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1)
-        return self.output_read(logits, query[:, positions].to(dev), states, view["next_token"].to(dev),
-                                idx[:, positions].to(dev), valid[:, positions].to(dev), center)
+        if self._read_keys is None:
+            states = view["states"].to(dev)
+            center = stream_mean(states, view["mask"].to(dev)) if self.config.center_keys else None
+            self._read_keys = (self.output_read.keys(states, center), center)
+        keys, center = self._read_keys
+        return self.output_read(logits, query[:, positions].to(dev), None, view["next_token"].to(dev),
+                                idx[:, positions].to(dev), valid[:, positions].to(dev), center, keys=keys,
+                                score_bias=None if learned is None else learned[:, positions].to(dev))
 
     def _read_output(self, out, labels: torch.Tensor | None) -> None:
-        """The output read: ``out.logits`` become the mixture's log-probabilities (and
-        ``out.loss``, with ``labels``, its shifted cross-entropy, as the base computes it)."""
+        """The output read: ``out.logits`` become the mixture's logits (their softmax is the
+        mixture; see :class:`OutputRead`) and ``out.loss``, with ``labels``, its shifted
+        cross-entropy, as the base computes it."""
         mixed, lam = self._mix_output(out.logits)
         out["logits"] = mixed
         if labels is not None:
@@ -530,7 +537,7 @@ class CMRModel(nn.Module):
             positions = torch.arange(T, device=h.device)[None].expand(B, T)[keep]
             self.buffer.add(layer, h[keep], score[keep], self.segment, rows, positions,
                             next_tokens[keep], values[keep])
-            if layer == self.target_layers[0]:
+            if layer == min(self._stored_layers):  # counted once per segment
                 self.stats["stored"] += int(keep.sum())
                 self.stats["offered"] += int(valid.sum())
                 if self.config.enable_adaptive_thresholds and int(valid.sum()):
@@ -568,7 +575,7 @@ class CMRModel(nn.Module):
             else:
                 self._retrieve(input_ids.shape[0], input_ids.device)
         self._capture = use_memory
-        self._picks = {}
+        self._picks, self._read_keys = {}, None
         try:
             out = self.base(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                             output_hidden_states=True, **kwargs)
@@ -577,7 +584,7 @@ class CMRModel(nn.Module):
         finally:
             self._capture = False
             self._retrieved, self._views, self._targets, self._picks = {}, {}, None, {}
-            self._qkv, self._attention_mask = {}, None
+            self._qkv, self._attention_mask, self._read_keys = {}, None, None
         if use_memory:
             self._store(input_ids, attention_mask)
             self.segment += 1
@@ -623,11 +630,11 @@ class CMRModel(nn.Module):
 
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []),
                                                               _OutputReadProcessor(self)])
-        self._picks = {}
+        self._picks, self._read_keys = {}, None
         try:
             return self.base.generate(input_ids=input_ids, **kwargs)
         finally:
-            self._retrieved, self._views, self._qkv, self._picks = {}, {}, {}, {}
+            self._retrieved, self._views, self._qkv, self._picks, self._read_keys = {}, {}, {}, {}, None
 
     def memory_stats(self) -> dict[str, Any]:
         s = self.stats
@@ -705,7 +712,7 @@ class IntegratedCMRModel(CMRModel):
 
 class _OutputReadProcessor:
     """``generate`` with the output read: the step's last-position logits become the mixture's
-    log-probabilities (a ``transformers`` logits processor, applied before any sampling warper)."""
+    (a ``transformers`` logits processor, applied before any sampling warper)."""
 
     def __init__(self, model: CMRModel):
         self.model = model
@@ -713,6 +720,12 @@ class _OutputReadProcessor:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         mixed, _ = self.model._mix_output(scores[:, None], slice(-1, None))
         return mixed[:, 0]
+
+
+def _block_offset(cfg: CMRConfig) -> int:
+    """What a configured layer number minus this is the block index of: 1 with the seed's
+    numbering (``layer_indexing='hidden_states'``, L = the output of block L - 1), else 0."""
+    return int(cfg.layer_indexing == "hidden_states")
 
 
 def _attention_taps(block: nn.Module, layer: int) -> tuple[int, int, float]:
