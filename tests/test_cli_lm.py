@@ -247,16 +247,22 @@ def test_train_cmr_over_a_trained_gpt2_base(tmp_path, capsys):
     gpt2 = ["--set", "model.n_embd=16", "--set", "model.n_head=2", "--set", "model.n_positions=16"]
     assert main(["train", "--config", "gpt2", "--out", str(tmp_path / "gpt2"), *short, *gpt2]) == 0
     base = tmp_path / "gpt2" / "checkpoint.safetensors"
-    assert main(["train", "--config", "cmr", "--out", str(tmp_path / "cmr"), "--set", f"model.base={base}",
+    assert main(["train", "--model", "cmr", "--out", str(tmp_path / "cmr"), "--set", f"model.base={base}",
                  *short]) == 0
-    assert "cmr: " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "cmr: " in printed and "CMR memory: hit rate" in printed and "(chance " in printed
     ckpt = str(tmp_path / "cmr" / "checkpoint.safetensors")
     scores = {}
     for name, path, extra in (("base", str(base), []), ("on", ckpt, []), ("off", ckpt, ["--no-memory"])):
         assert main(["eval", path, "--batch-size", "2", "--max-tokens", "3000", *extra]) == 0
         printed = capsys.readouterr().out
-        scores[name] = json.loads(printed[printed.index("{"):])["valid_ppl"]
-    assert scores["off"] == scores["base"]  # the memory switch gives the frozen base back, exactly
-    assert scores["on"] != scores["off"]
+        scores[name] = json.loads(printed[printed.index("{"):])
+    assert scores["off"]["valid_ppl"] == scores["base"]["valid_ppl"]  # the switch gives the frozen base back
+    assert scores["on"]["valid_ppl"] != scores["off"]["valid_ppl"]
+    cmr = scores["on"]["cmr"]  # the memory's statistics of this pass, beside their chance level
+    assert 0 <= cmr["hit_rate"] <= 1 and 0 < cmr["hit_rate_chance"] < 1 and cmr["coverage"] > 0
+    assert scores["off"]["cmr"]["hit_rate"] is None  # memory off: nothing was read
+    assert main(["train", "--model", "cmr", "--config", "gpt2", "--out", str(tmp_path / "x")]) == 2
+    assert "give one" in capsys.readouterr().err
     assert main(["train", "--config", "no_such_config", "--out", str(tmp_path / "x")]) == 2
     assert "embedded configs, by name" in capsys.readouterr().err

@@ -26,7 +26,7 @@ def _load_data(split: str):
 
 
 _STAT_KEYS = ("memory_hit_rate", "memory_hit_rate_chance", "retrieval_accuracy", "retrieval_accuracy_chance",
-              "memory_gain_nats", "mean_lambda", "spike_rate", "blocks", "output_memory")
+              "memory_gain_nats", "mean_lambda", "spike_rate", "blocks", "output_memory", "cmr")
 
 
 def _summary(model, ev: dict) -> dict:
@@ -55,6 +55,13 @@ def _print_summary(summary: dict, tokens: int) -> None:
         print(f"valid perplexity {summary['valid_ppl']:.2f} over {tokens:,} tokens (exp of total NLL / tokens)")
     if "spike_rate" in summary:
         print(f"spike rate {summary['spike_rate']:.3f}")
+    cmr = summary.get("cmr")
+    if cmr and cmr.get("hit_rate") is not None:
+        lam = cmr.get("output_lambda")
+        print(f"CMR memory: hit rate (a retrieved entry's next token is the true one) {cmr['hit_rate']:.3f} "
+              f"(chance {cmr['hit_rate_chance']:.3f}); positions that read an entry {cmr['coverage']:.3f}"
+              + (f"; mean lambda {lam:.3f}, theta {cmr['output_theta']:.2f}" if lam is not None else "")
+              + f"; retrieval {cmr['retrieval_ms_per_segment']:.1f} ms/segment")
 
 
 def run_training(cfg: dict, out_dir=None, resume: bool = True, quiet: bool = False, sample: bool = True) -> dict:
@@ -98,10 +105,27 @@ def run_training(cfg: dict, out_dir=None, resume: bool = True, quiet: bool = Fal
     return summary
 
 
+_MODEL_HELP = ("the embedded config of a model, by name (as --config NAME): s3cmn (the default), gpt2 (a GPT-2 "
+               "baseline), cmr (CMR around a trained gpt2 checkpoint, base frozen), s3cmn_gpu (S3CMN at GPU sizes)")
+
+
+def _config_arg(args: argparse.Namespace) -> str | None:
+    """``--config PATH`` or ``--model NAME`` (an embedded config by name), not both."""
+    from mnnn.lm import embedded_configs
+
+    if args.model is None:
+        return args.config
+    if args.config is not None:
+        raise ValueError(f"--model {args.model} and --config {args.config} both pick a config; give one")
+    if args.model not in embedded_configs():
+        raise ValueError(f"--model must name an embedded config, one of {embedded_configs()}, got {args.model!r}")
+    return args.model
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mnnn.lm import load_config
 
-    run_training(load_config(args.config, args.set), args.out, resume=not args.no_resume, quiet=args.quiet)
+    run_training(load_config(_config_arg(args), args.set), args.out, resume=not args.no_resume, quiet=args.quiet)
     return 0
 
 
@@ -124,7 +148,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for i, values in enumerate(itertools.product(*(grid[k] for k in keys))):
         overrides = list(args.set) + [f"{k}={json.dumps(v)}" for k, v in zip(keys, values)]
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(_config_arg(args), overrides)
         summary = run_training(cfg, out / f"run{i:03d}", resume=True, quiet=args.quiet, sample=False)
         row = {"run": i, **dict(zip(keys, values)), "valid_ppl": summary["valid_ppl"],
                "tokens_per_s": summary["train_tokens_per_s"]}
@@ -321,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "checkpointing atomically and resuming when a checkpoint exists; then evaluate on "
                            "the valid split, print perplexity, memory and spike statistics, and a sample.")
     train.add_argument("--config", default=None, help="YAML config (default: the embedded configs/s3cmn.yaml)")
+    train.add_argument("--model", default=None, metavar="NAME", help=_MODEL_HELP)
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value, e.g. --set training.max_steps=200 (repeatable)")
     train.add_argument("--out", default=None, help="output folder (default: training.out_dir of the config)")
@@ -333,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "evaluate each on valid, and write results.md / results.json.")
     tune.add_argument("grid", help="YAML file mapping section.key to a list of values")
     tune.add_argument("--config", default=None, help="base config (default: the embedded configs/s3cmn.yaml)")
+    tune.add_argument("--model", default=None, metavar="NAME", help=_MODEL_HELP)
     tune.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                       help="override applied to every run (repeatable)")
     tune.add_argument("--out", default="runs/tune", help="output folder (default: runs/tune)")

@@ -5,13 +5,16 @@ one and GPT-2 small's geometry, 12 x 768, the seed's example base) read
 segments of T tokens; the bare model and CMR (memory of the 2 earlier segments, restored before
 every repeat; every retrieval strategy, per token, per segment, per token read by the base's
 own attention, "KV read", and per token read into the output distribution, "output read") are
-timed on the same segment in the same process. Verification first: an untrained CMR's logits
+timed on the same segment in the same process, in paired rounds (the bare model, then CMR):
+a row's overhead is the median over rounds of CMR's time / the bare model's of the same round. Verification first: an untrained CMR's logits
 (zero output projection) and a closed KV read's (memory weight -inf) equal the base model's, and
 a closed output read's (gate bias -inf) too.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +54,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         rows.append({"base": name, "model": "base", "T": c["T"], "forward_s": t_base, "overhead": 0.0})
         for mode in ("token", "segment", "kv", "output"):
             for strategy in STRATEGIES:
-                row = _time_cmr(base, segs, strategy, mode, c)
-                # the bare model timed again right after (CMR's hooks removed): each row's overhead is
-                # against the mean of the base timings just before and just after it, so a drift of
-                # the machine's speed during the run does not land on one row
-                t_after = time_base()
-                row["base_s"] = (t_base + t_after) / 2
-                row["overhead"] = row["forward_s"] / row["base_s"] - 1.0
-                rows.append({"base": name, **row})
-                t_base = t_after
+                rows.append({"base": name, **_time_cmr(base, segs, strategy, mode, c)})
     payload = {"suite": "cmr", "preset": preset, "results": rows, **provenance(c)}
     write_json(out_dir / "cmr.json", payload)
     columns = ["base", "model", "T", "forward_s", "base_s", "overhead", "retrieval_ms", "entries"]
@@ -104,13 +99,26 @@ def _time_cmr(base, segs, strategy: str, mode: str, c) -> dict[str, Any]:
             model.segment = 2
             model(segs[2])
 
+        def bare():  # the base model alone (CMR's hooks are attached but idle: a few Python calls)
+            base(input_ids=segs[2])
+
         model.reset_stats()
-        t, _ = median_time(segment, repeats=c["repeats"], warmup=1)
+        bare(), segment()  # both sides warm
+        # paired rounds, bare then CMR: the overhead is the median of the per-round ratios, so a
+        # drift of this shared machine's speed during the run lands on both sides of each ratio
+        t_cmr, t_bare = [], []
+        for _ in range(c["repeats"]):
+            for fn, times in ((bare, t_bare), (segment, t_cmr)):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+        ratios = [a / b for a, b in zip(t_cmr, t_bare)]
     entries = sum(d["states"].shape[0] for d in snapshot.values())
     row = {"model": f"cmr/{strategy}" + {"token": "", "segment": " (per segment)", "kv": " (KV read)",
                                                "output": " (output read)"}[mode],
            "T": c["T"],
-           "forward_s": t, "entries": entries, "max_abs_diff_closed_gate": check,
+           "forward_s": statistics.median(t_cmr), "base_s": statistics.median(t_bare),
+           "overhead": statistics.median(ratios) - 1.0, "entries": entries, "max_abs_diff_closed_gate": check,
            "retrieval_ms": model.performance_stats()["retrieval_ms_per_segment"]}
     for h in model._handles:
         h.remove()
