@@ -16,17 +16,23 @@ def _inputs(seed, B=2, T=9, N=7, H=3, D=4):
     return q, k, v, mem_k, mem_v, picked, key_mask, score_bias
 
 
-@pytest.mark.parametrize("with_bias", [False, True], ids=["no_score_bias", "score_bias"])
-@pytest.mark.parametrize("with_mask", [False, True], ids=["unpadded", "padded"])
-def test_kv_read_equals_one_softmax_over_local_and_picked_keys(with_bias, with_mask):
+def _trained_reader(seed, with_bias, with_mask):
+    """A reader with non-zero memory weights and query map, and inputs (mask and score bias only
+    where asked)."""
     torch.manual_seed(0)
     reader = KVMemoryRead(3, 4)
     with torch.no_grad():
         reader.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
         reader.query_adapter.normal_(0, 0.3)
-    q, k, v, mem_k, mem_v, picked, key_mask, score_bias = _inputs(1)
-    key_mask = key_mask if with_mask else None
-    score_bias = score_bias if with_bias else None
+    q, k, v, mem_k, mem_v, picked, key_mask, score_bias = _inputs(seed)
+    return reader, (q, k, v, mem_k, mem_v, picked, key_mask if with_mask else None,
+                    score_bias if with_bias else None)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_score_bias", "score_bias"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["unpadded", "padded"])
+def test_kv_read_equals_one_softmax_over_local_and_picked_keys(with_bias, with_mask):
+    reader, (q, k, v, mem_k, mem_v, picked, key_mask, score_bias) = _trained_reader(1, with_bias, with_mask)
     leaves = [t.requires_grad_() for t in (q, k, v, mem_k, mem_v)]
     scale = 0.5
     fast = reader(local_attention(q, k, v, scale, key_mask), q, k, mem_k, mem_v, picked, scale, key_mask, score_bias)
@@ -64,14 +70,7 @@ def test_fused_inference_path_equals_the_explicit_form(with_bias, with_mask):
 
     if kv_read._FUSED is None:
         pytest.skip("this torch has no fused CPU attention with log-sum-exp")
-    torch.manual_seed(0)
-    reader = KVMemoryRead(3, 4)
-    with torch.no_grad():
-        reader.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
-        reader.query_adapter.normal_(0, 0.3)
-    q, k, v, mem_k, mem_v, picked, key_mask, score_bias = _inputs(3)
-    key_mask = key_mask if with_mask else None
-    score_bias = score_bias if with_bias else None
+    reader, (q, k, v, mem_k, mem_v, picked, key_mask, score_bias) = _trained_reader(3, with_bias, with_mask)
     a = local_attention(q, k, v, 0.5, key_mask)
     explicit = reader(a, q, k, mem_k, mem_v, picked, 0.5, key_mask, score_bias)  # grad mode: the explicit form
     with torch.no_grad():
