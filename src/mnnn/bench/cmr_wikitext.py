@@ -1,8 +1,9 @@
 """``mnnn bench cmr-wikitext``: segment-wise WikiText-2 perplexity of a GPT-2-architecture model
 with and without CMR memory.
 
-1. A small GPT-2 (Hugging Face ``GPT2LMHeadModel``, random init) is trained by mnnn's LM loop on
-   the train split with a context of one segment (no model is downloaded).
+1. A small GPT-2 (Hugging Face ``GPT2LMHeadModel``, random init) is trained by mnnn's LM loop for
+   ``base_steps`` steps on the train split (by steps, not seconds: the same base on any machine)
+   with a context of one segment (no model is downloaded).
 2. CMR wraps it (base frozen) and only its parameters train on train-split segments read in
    order with the memory carried (:func:`mnnn.models.cmr.train_cmr`), once per kind of memory
    value (``memory_values``: the next position's state, the next token's embedding), and once
@@ -42,11 +43,11 @@ from mnnn.state import TensorState
 from mnnn.training.lm import batchify, train_lm
 
 PRESETS = {
-    "default": {"segment": 128, "n_embd": 128, "n_layer": 2, "n_head": 4, "base_budget_s": 180,
+    "default": {"segment": 128, "n_embd": 128, "n_layer": 2, "n_head": 4, "base_steps": 300,
                 "cmr_steps": 150, "cmr_lr": 3e-3, "streams": 8, "valid_tokens": 50_000, "strategy": "multi_criteria",
                 "values": ("next", "next_token", "kv", "output", "output-128"), "cmr_lr_kv": 3e-3, "cmr_lr_output": 3e-2,
                 "output_strategy": "semantic"},
-    "toy": {"segment": 16, "n_embd": 16, "n_layer": 2, "n_head": 2, "base_budget_s": 2, "cmr_steps": 3,
+    "toy": {"segment": 16, "n_embd": 16, "n_layer": 2, "n_head": 2, "base_steps": 3, "cmr_steps": 3,
             "cmr_lr": 3e-3, "streams": 2, "valid_tokens": 400, "strategy": "semantic", "values": ("next", "kv", "output"),
             "cmr_lr_kv": 3e-2, "cmr_lr_output": 3e-2, "output_strategy": "semantic"},
 }
@@ -99,7 +100,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                                       n_layer=c["n_layer"], n_head=c["n_head"], bos_token_id=0, eos_token_id=0))
     start = time.perf_counter()
     base_hist = train_lm(HFAdapter(gpt2), train, batch_size=16, seq_len=c["segment"], learning_rate=3e-3,
-                         time_budget_s=c["base_budget_s"], progress=progress)
+                         max_steps=c["base_steps"], progress=progress)  # by steps: the same base on any machine
     base_s = time.perf_counter() - start
     gpt2.eval()
     rows, cmr_s, losses, gates, memory_info = [], {}, {}, {}, {}
