@@ -68,9 +68,7 @@ class KVMemoryRead(nn.Module):
         s = s.masked_fill(~picked[:, None], float("-inf")).masked_fill(~has[:, None, :, None], 0.0)
         z_mem = torch.logsumexp(s, -1) + self.bias.to(dt)[None, :, None]  # [B, H, T]
         local = torch.einsum("bthe,bshe->bhts", q, k) * scale
-        hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)[None, None]
-        if key_mask is not None:
-            hidden = hidden | ~key_mask.bool()[:, None, None, :]
+        hidden = _hidden_keys(T, key_mask, q.device)
         # a finite floor, not -inf: a padded query that sees no key gets finite gradients (w ~ 1)
         z_local = torch.logsumexp(local.masked_fill(hidden, torch.finfo(local.dtype).min), -1)
         w = torch.where(has[:, None], torch.sigmoid(z_mem - z_local), torch.zeros((), dtype=dt, device=a.device))
@@ -88,8 +86,7 @@ class KVMemoryRead(nn.Module):
         if key_mask is None:
             _, z_local = _FUSED(qh, kh, kh, 0.0, True, scale=scale)
         else:  # causal and padded keys hidden, with the explicit form's finite floor
-            hidden = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)[None, None] | \
-                ~key_mask.bool()[:, None, None, :]
+            hidden = _hidden_keys(T, key_mask, q.device)
             floor = torch.zeros(hidden.shape, dtype=dt, device=q.device).masked_fill(hidden, torch.finfo(dt).min)
             _, z_local = _FUSED(qh, kh, kh, 0.0, False, attn_mask=floor, scale=scale)
         bias = torch.zeros((), dtype=dt, device=q.device) if score_bias is None else score_bias.to(dt)
@@ -101,6 +98,14 @@ class KVMemoryRead(nn.Module):
         local_out = a.view(B, T, H, D).transpose(1, 2)
         out = torch.where(has[..., None], local_out + w[..., None] * (m - local_out), local_out)
         return out.transpose(1, 2).reshape(B, T, H * D)
+
+
+def _hidden_keys(T: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """``[B or 1, 1, T, T]`` True where a local query may not see a key: the future, and padded keys."""
+    hidden = torch.ones(T, T, dtype=torch.bool, device=device).triu(1)[None, None]
+    if key_mask is not None:
+        hidden = hidden | ~key_mask.bool()[:, None, None, :]
+    return hidden
 
 
 # PyTorch's fused CPU attention, which also returns each row's log-sum-exp (None where absent)
@@ -142,8 +147,5 @@ def local_attention(q, k, v, scale, key_mask=None):
     """Causal attention within the segment, merged heads ``[B, T, H D]`` (test helper)."""
     B, T, H, D = q.shape
     s = torch.einsum("bthe,bshe->bhts", q, k) * scale
-    hidden = torch.ones(T, T, dtype=torch.bool).triu(1)[None, None]
-    if key_mask is not None:
-        hidden = hidden | ~key_mask.bool()[:, None, None, :]
-    out = torch.softmax(s.masked_fill(hidden, torch.finfo(s.dtype).min), -1) @ v.transpose(1, 2)
+    out = torch.softmax(s.masked_fill(_hidden_keys(T, key_mask, q.device), torch.finfo(s.dtype).min), -1) @ v.transpose(1, 2)
     return out.transpose(1, 2).reshape(B, T, H * D)

@@ -109,7 +109,7 @@ class OutputRead(nn.Module):
         same = (tok[..., :, None] == tok[..., None, :]) & ok[..., None, :]  # [B, T, k, k]
         mass = (same.to(w.dtype) * w[..., None, :]).sum(-1)
         earlier = torch.ones(k, k, dtype=torch.bool, device=idx.device).tril(-1)
-        first = ok & ~(same & earlier).any(-1) & has[..., None]
+        first = ok & ~(same & earlier).any(-1)
         z = self.gate(q).squeeze(-1)
         # log(lambda / (1 - lambda)) + log Z: the memory's share against the logits' own scale
         log_odds = (z + logsumexp_rows(logits)).to(logits.dtype)
@@ -126,11 +126,10 @@ class OutputRead(nn.Module):
 def _identity_for_old_checkpoints(module, state_dict, prefix, *args) -> None:
     """A state saved before the read had ``W`` and the score scale loads as the read it was:
     ``W`` = identity, scale 0."""
-    key = prefix + "proj.weight"
-    if prefix + "log_theta" not in state_dict:
+    if prefix + "log_theta" not in state_dict:  # not this read's state: leave the error to load_state_dict
         return
-    if key not in state_dict:
-        state_dict[key] = torch.eye(module.proj.weight.shape[0], dtype=module.proj.weight.dtype)
+    weight = module.proj.weight
+    state_dict.setdefault(prefix + "proj.weight", torch.eye(weight.shape[0], dtype=weight.dtype))
     state_dict.setdefault(prefix + "score_scale", torch.zeros(()))
 
 
@@ -139,7 +138,7 @@ def logsumexp_rows(x: torch.Tensor, rows: int = 32) -> torch.Tensor:
     temporaries stay in cache (for GPT-2's 50,257-token vocabulary about 2.5x faster than one
     call over 512 rows, and with no ``[..., V]`` temporary)."""
     flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] <= rows:
+    if flat.shape[0] <= rows:  # one block, or none (torch.cat of no blocks would fail)
         return torch.logsumexp(x, -1)
     return torch.cat([torch.logsumexp(flat[i : i + rows], -1) for i in range(0, flat.shape[0], rows)]).reshape(
         x.shape[:-1])

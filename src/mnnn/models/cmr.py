@@ -256,6 +256,7 @@ class CMRModel(nn.Module):
         self.read_layer = self._read_layer(cfg)
         # the layers whose states are stored: with the output read alone, only the one it queries
         self._stored_layers = {self.read_layer} if cfg.memory_fusion == "output" else set(self.target_layers)
+        self._stats_layer = min(self._stored_layers)  # the layer whose store counts the statistics
         self.output_read = (OutputRead(dim, cfg.output_theta, cfg.output_lambda_init)
                             if cfg.memory_fusion != "reweave" else None)
         self._picks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
@@ -537,7 +538,7 @@ class CMRModel(nn.Module):
             positions = torch.arange(T, device=h.device)[None].expand(B, T)[keep]
             self.buffer.add(layer, h[keep], score[keep], self.segment, rows, positions,
                             next_tokens[keep], values[keep])
-            if layer == min(self._stored_layers):  # counted once per segment
+            if layer == self._stats_layer:  # counted once per segment
                 self.stats["stored"] += int(keep.sum())
                 self.stats["offered"] += int(valid.sum())
                 if self.config.enable_adaptive_thresholds and int(valid.sum()):
