@@ -56,10 +56,7 @@ class GPT2LM(nn.Module):
                                n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                                bos_token_id=0, eos_token_id=0)
         self.model = tf.GPT2LMHeadModel(config)
-        # GPT-2 ties its head to the token embedding; safetensors refuses two names for one
-        # tensor, so state dicts hold the embedding once and loading ties the head back to it
-        self.model.register_state_dict_post_hook(_drop_tied_head)
-        self.model.register_load_state_dict_pre_hook(_tie_head)
+        _store_shared_once(self)  # GPT-2 ties its head to the token embedding
         self.vocab_size, self.max_len = vocab_size, n_positions
 
     def init_state(self, batch_size: int) -> NoState:
@@ -93,17 +90,7 @@ class CMRLanguageModel(nn.Module):
         if base_model.vocab_size != vocab_size:
             raise ValueError(f"vocab_size {vocab_size} differs from the base's {base_model.vocab_size}")
         self.cmr = CMRModel(base_model.model, cmr_config)
-        # CMRModel also holds the base's blocks under a second name (cmr.blocks): state dicts keep
-        # each tensor once (safetensors refuses aliases) and loading fills the aliases back in
-        seen: dict[int, str] = {}
-        self._aliases: dict[str, str] = {}
-        for key, value in self.state_dict(keep_vars=True).items():
-            if value.numel() and value.data_ptr() in seen:
-                self._aliases[key] = seen[value.data_ptr()]
-            else:
-                seen.setdefault(value.data_ptr(), key)
-        self.register_state_dict_post_hook(_drop_aliases)
-        self.register_load_state_dict_pre_hook(_fill_aliases)
+        _store_shared_once(self)  # the tied head, and CMRModel's second name for the base's blocks
         self.vocab_size, self.max_len = vocab_size, base_model.max_len
         self.memory_enabled = True
 
@@ -145,8 +132,24 @@ class CMRLanguageModel(nn.Module):
         return self
 
 
+def _store_shared_once(module: nn.Module) -> None:
+    """Safetensors refuses two names for one tensor: ``module``'s state dicts keep each shared
+    tensor under its first name only, and loading fills the other names back in from it. The
+    aliases are found once, here, from the module as built."""
+    seen: dict[tuple, str] = {}
+    module._aliases = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        identity = (value.data_ptr(), value.shape, value.dtype)
+        if value.numel() and identity in seen:
+            module._aliases[key] = seen[identity]
+        else:
+            seen.setdefault(identity, key)
+    module.register_state_dict_post_hook(_drop_aliases)
+    module.register_load_state_dict_pre_hook(_fill_aliases)
+
+
 def _drop_aliases(module, state_dict, prefix, local_metadata) -> None:
-    for key in getattr(module, "_aliases", {}):
+    for key in module._aliases:
         state_dict.pop(prefix + key, None)
 
 
@@ -154,21 +157,6 @@ def _fill_aliases(module, state_dict, prefix, *args) -> None:
     for key, source in module._aliases.items():
         if prefix + key not in state_dict and prefix + source in state_dict:
             state_dict[prefix + key] = state_dict[prefix + source]
-
-
-_HEAD, _EMBED = "lm_head.weight", "transformer.wte.weight"
-
-
-def _drop_tied_head(module, state_dict, prefix, local_metadata) -> None:
-    head, embed = prefix + _HEAD, prefix + _EMBED
-    if head in state_dict and embed in state_dict and state_dict[head].data_ptr() == state_dict[embed].data_ptr():
-        del state_dict[head]
-
-
-def _tie_head(module, state_dict, prefix, *args) -> None:
-    head, embed = prefix + _HEAD, prefix + _EMBED
-    if head not in state_dict and embed in state_dict:
-        state_dict[head] = state_dict[embed]
 
 
 def _check_tokens(tokens: torch.Tensor, max_len: int, name: str) -> None:
