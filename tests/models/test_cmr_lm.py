@@ -8,6 +8,7 @@ pytest.importorskip("transformers")
 
 from mnnn.lm import build_model, generate, load_checkpoint_model, load_config  # noqa: E402
 from mnnn.models.cmr_lm import CMRLanguageModel, GPT2LM  # noqa: E402
+from mnnn.training.checkpoint import load_checkpoint  # noqa: E402
 from mnnn.training.lm import evaluate_lm, train_lm  # noqa: E402
 
 V = 64
@@ -151,3 +152,67 @@ def test_embedded_configs_by_name(tmp_path):
         load_config("no_such_config")
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.yaml")
+
+
+def _train_cmr(base_ckpt, out, max_steps, **kw):
+    """Train CMR's parameters (reweaving gates open, so the memory changes the loss) over a few
+    segments; returns the history and the model."""
+    cfg = {"model": {"name": "cmr", "base": str(base_ckpt), "vocab_size": V}, "memory": dict(CMR), "training": {}}
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    _open_gates(model)
+    hist = train_lm(model, _ids(4000, 5), batch_size=2, seq_len=16, max_steps=max_steps, time_budget_s=None,
+                    learning_rate=1e-2, warmup=1, out_dir=out, config=cfg, **kw)
+    return hist, model
+
+
+def test_resumed_cmr_training_continues_its_memory(base_ckpt, tmp_path):
+    """The memory is the carried state: a checkpoint holds it, so resuming from the step-3
+    checkpoint of a 6-step run ends bitwise where the uninterrupted run does (without it, step 4
+    would read an empty memory)."""
+    import shutil
+
+    whole, model = _train_cmr(base_ckpt, tmp_path / "a", 6, checkpoint_every=3, keep_last=2)
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "checkpoints" / "step-00000003.safetensors", tmp_path / "b" / "checkpoint.safetensors")
+    tensors, _ = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
+    stored = [k for k in tensors if k.startswith("carry/") and k.endswith("/states")]
+    assert stored and all(tensors[k].shape[0] > 0 for k in stored)  # the memory is in the checkpoint
+    resumed, again = _train_cmr(base_ckpt, tmp_path / "b", 6)
+    assert resumed["loss"] == whole["loss"][3:]
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_evaluation_during_training_leaves_the_training_memory(base_ckpt, tmp_path):
+    """An evaluation pass starts its own streams (emptied memory) and the training streams go on
+    reading theirs afterwards: the losses are those of a run without evaluations."""
+    plain, _ = _train_cmr(base_ckpt, None, 5)
+    evaluated, _ = _train_cmr(base_ckpt, None, 5, valid_ids=_ids(200, 7), eval_every=1)
+    assert evaluated["loss"] == plain["loss"]
+    assert len(evaluated["valid"]) == 5
+
+
+def test_a_memory_state_reads_the_same_in_a_fresh_model(base_ckpt):
+    """Continuing from a state handed out earlier (or by another model) reads that memory, not
+    what the model went on to store; a state of another configuration is refused clearly."""
+    model = _cmr(base_ckpt)
+    _open_gates(model)
+    segs = [_ids(32, s).view(2, 16) for s in range(4)]
+    with torch.no_grad():
+        state = model.init_state(2)
+        for x in segs[:2]:
+            _, state = model(x, state)
+        kept = state
+        expected, after = model(segs[2], state)
+        model(segs[3], after)  # the model moves on
+        again, _ = model(segs[2], kept)  # ... and a kept state still reads as it did
+        other = _cmr(base_ckpt)
+        other.load_state_dict(model.state_dict())
+        fresh, _ = other(segs[2], type(kept).from_tensors({k: v.clone() for k, v in kept.tensors().items()}))
+    assert torch.equal(again, expected) and torch.equal(fresh, expected)
+    assert kept == type(kept).from_tensors(kept.tensors())
+    with pytest.raises(ValueError, match="no .* for layer"):
+        other(segs[2], type(kept).from_tensors({k: v for k, v in kept.tensors().items() if "/values" not in k}))
+    with pytest.raises(TypeError, match="CMRMemoryState"):
+        other(segs[2], torch.zeros(2))

@@ -19,6 +19,9 @@ Two steps on WikiText-2::
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import random
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,7 @@ class CMRLanguageModel(nn.Module):
         _store_shared_once(self)  # the tied head, and CMRModel's second name for the base's blocks
         self.vocab_size, self.max_len = vocab_size, base_model.max_len
         self.memory_enabled = True
+        self._held: int | None = None  # id of the memory state last handed out, while the buffer holds it
 
     def set_memory_enabled(self, enabled: bool) -> None:
         """Reads and writes on (True) or off (False: the bare base model, bit for bit)."""
@@ -100,27 +104,80 @@ class CMRLanguageModel(nn.Module):
             raise TypeError(f"enabled must be True or False, got {enabled!r}")
         self.memory_enabled = enabled
 
-    def reset_memory(self) -> None:
-        self.cmr.reset_memory()
-
     def reset_stats(self) -> None:
         self.cmr.reset_stats()
 
-    def init_state(self, batch_size: int) -> NoState:
+    def init_state(self, batch_size: int) -> "CMRMemoryState":
         """New streams: the memory is emptied (a stream never reads another set of streams)."""
-        self.cmr.reset_memory()
-        return NoState()
+        self.reset_memory()
+        return self._memory_state()
 
-    def forward(self, tokens: torch.Tensor, state: NoState | None = None) -> tuple[torch.Tensor, NoState]:
+    def reset_memory(self) -> None:
+        self.cmr.reset_memory()
+        self._held = None
+
+    def forward(self, tokens: torch.Tensor,
+                state: "CMRMemoryState | NoState | None" = None) -> tuple[torch.Tensor, "CMRMemoryState"]:
         """One segment of each stream: it reads the memories of the stream's earlier segments,
-        then is stored for the later ones (memory on)."""
+        then is stored for the later ones (memory on). ``state`` is the memory the segment reads
+        (:class:`CMRMemoryState`, as the previous call returned it or a checkpoint restored it);
+        ``None`` or a :class:`NoState` read what the model holds now. Returns the logits and the
+        memory after this segment."""
         _check_tokens(tokens, self.max_len, "cmr")
+        if isinstance(state, CMRMemoryState):
+            self._load_memory(state)
+        elif state is not None and not isinstance(state, NoState):
+            raise TypeError(f"cmr: state must be a CMRMemoryState (from init_state or the previous call), "
+                            f"got {type(state).__name__}")
         logits = self.cmr(tokens, use_memory=self.memory_enabled).logits
         if self.training and torch.is_grad_enabled() and not logits.requires_grad:
             # a stream's first segment reads no memory, so nothing trainable touched the logits;
             # the LM trainer still calls backward(): give it a zero path to one CMR parameter
             logits = logits + 0.0 * self.cmr.cmr_parameters()[0].reshape(-1)[0]
-        return logits, NoState()
+        return logits, self._memory_state()
+
+    # ---- the memory as a carried state -------------------------------------------------------------
+    def _memory_state(self) -> "CMRMemoryState":
+        """The memory the model holds now, as tensors. They share storage with the buffer, except
+        ``last_access``, which reads update in place (copied, so the state stays as it was)."""
+        cmr, buf = self.cmr, self.cmr.buffer
+        memory = {f"{layer}/{key}": (value.clone() if key == "last_access" else value)
+                  for layer, fields in buf.data.items() for key, value in fields.items()}
+        memory.update({f"summary/{layer}": value for layer, value in getattr(cmr, "_summary", {}).items()})
+        memory["segment"] = torch.tensor(cmr.segment, dtype=torch.long)
+        memory["evictions"] = torch.tensor(buf.evictions, dtype=torch.long)
+        memory["relevance_threshold"] = torch.tensor(cmr.relevance_threshold, dtype=torch.float64)
+        self._held = next(_MEMORY_IDS)
+        memory["id"] = torch.tensor(self._held, dtype=torch.long)
+        return CMRMemoryState(memory)
+
+    def _load_memory(self, state: "CMRMemoryState") -> None:
+        """Make ``state`` the memory the model reads. Free when it is what the model holds (the
+        previous call's state); else (a checkpoint, a state kept from earlier, after an evaluation
+        pass) the buffer takes its tensors under new versions, so no retrieval cache outlives it."""
+        memory = state.memory
+        held = memory.get("id")
+        if held is not None and self._held is not None and int(held) == self._held \
+                and int(memory["segment"]) == self.cmr.segment:
+            return
+        cmr, buf = self.cmr, self.cmr.buffer
+        if "segment" not in memory:  # an empty state (e.g. a checkpoint written before memories were carried)
+            self.reset_memory()
+            return
+        device = next(self.parameters()).device
+        for layer in buf.layers:
+            fields = {key: memory.get(f"{layer}/{key}") for key in buf.data[layer]}
+            missing = [key for key, value in fields.items() if value is None]
+            if missing:
+                raise ValueError(f"cmr: the memory state has no {missing} for layer {layer} (a state of another "
+                                 f"CMR configuration?); its layers: {sorted(_state_layers(memory))}")
+            buf.replace(layer, {key: value.to(device) for key, value in fields.items()})
+        cmr._summary = {int(key.split("/", 1)[1]): value.to(device) for key, value in memory.items()
+                        if key.startswith("summary/")}
+        cmr.segment = int(memory["segment"])
+        buf.evictions = int(memory["evictions"])
+        cmr.relevance_threshold = float(memory["relevance_threshold"])
+        self._held = None  # a load is not a state this model handed out
 
     def get_stats(self) -> dict[str, Any]:
         """The CMR memory's statistics since the last reset (``mnnn eval`` resets them first)."""
@@ -130,6 +187,51 @@ class CMRLanguageModel(nn.Module):
         super().train(mode)
         self.cmr.base.eval()  # the frozen base keeps its inference behaviour (no dropout)
         return self
+
+
+# ids of the memory states a CMRLanguageModel hands out: unique in the process, and started at a
+# random point, so a state restored from another process's checkpoint is never taken for the held one
+_MEMORY_IDS = itertools.count(random.SystemRandom().randrange(1 << 40, 1 << 62))
+
+
+@dataclasses.dataclass(eq=False)
+class CMRMemoryState(NoState):
+    """A :class:`CMRLanguageModel`'s memory between segments, as named tensors: each stored layer's
+    buffer fields (``"<layer>/<field>"``, variable length), the per-segment summaries, the segment
+    counter, the eviction count, the (adaptive) relevance threshold and the id the model gave it.
+    The LM trainer carries it like any recurrent state, so a checkpoint holds the memory (resume
+    continues it) and an evaluation pass, which starts its own streams, leaves it untouched.
+
+    It is a :class:`NoState`: the base carries no recurrent summary of the tokens it read, so a
+    caller that continues a text (``generate``, the serving engine) re-reads the context window."""
+
+    memory: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def map(self, fn):
+        return CMRMemoryState({key: fn(value) for key, value in self.memory.items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.memory)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "CMRMemoryState":
+        return cls(dict(tensors))
+
+
+
+def _memory_equal(self: CMRMemoryState, other: object) -> bool:
+    if type(other) is not CMRMemoryState:
+        return NotImplemented
+    return self.memory.keys() == other.memory.keys() and all(
+        a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+        for a, b in zip(self.memory.values(), (other.memory[key] for key in self.memory)))
+
+
+CMRMemoryState.__eq__ = _memory_equal  # TensorState's field-wise equality cannot compare a dict of tensors
+
+
+def _state_layers(memory: dict[str, torch.Tensor]) -> set[str]:
+    return {key.split("/", 1)[0] for key in memory if "/" in key and not key.startswith("summary/")}
 
 
 def _store_shared_once(module: nn.Module) -> None:
