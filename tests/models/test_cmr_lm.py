@@ -214,5 +214,13 @@ def test_a_memory_state_reads_the_same_in_a_fresh_model(base_ckpt):
     assert kept == type(kept).from_tensors(kept.tensors())
     with pytest.raises(ValueError, match="no .* for layer"):
         other(segs[2], type(kept).from_tensors({k: v for k, v in kept.tensors().items() if "/values" not in k}))
+    tampered = {k: v.clone() for k, v in kept.tensors().items()}
+    layer = next(k.split("/")[0] for k in tampered if k.endswith("/states"))
+    tampered[f"{layer}/states"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        other(segs[2], type(kept).from_tensors(tampered))
+    tampered[f"{layer}/states"] = tampered[f"{layer}/states"][:, :3]
+    with pytest.raises(ValueError, match="fields of shapes"):
+        other(segs[2], type(kept).from_tensors(tampered))
     with pytest.raises(TypeError, match="CMRMemoryState"):
         other(segs[2], torch.zeros(2))

@@ -171,6 +171,7 @@ class CMRLanguageModel(nn.Module):
             if missing:
                 raise ValueError(f"cmr: the memory state has no {missing} for layer {layer} (a state of another "
                                  f"CMR configuration?); its layers: {sorted(_state_layers(memory))}")
+            _check_layer_memory(layer, fields, buf.dim)
             buf.replace(layer, {key: value.to(device) for key, value in fields.items()})
         cmr._summary = {int(key.split("/", 1)[1]): value.to(device) for key, value in memory.items()
                         if key.startswith("summary/")}
@@ -228,6 +229,24 @@ def _memory_equal(self: CMRMemoryState, other: object) -> bool:
 
 
 CMRMemoryState.__eq__ = _memory_equal  # TensorState's field-wise equality cannot compare a dict of tensors
+
+
+def _check_layer_memory(layer: int, fields: dict[str, torch.Tensor], dim: int) -> None:
+    """One layer's fields of a memory state (e.g. from a checkpoint) before the buffer takes them:
+    one entry count for all, ``[N, dim]`` states and values, finite values, streams >= 0."""
+    n = fields["states"].shape[0]
+    shapes = {key: tuple(value.shape) for key, value in fields.items()}
+    wrong = {key: shape for key, shape in shapes.items()
+             if shape != ((n, dim) if key in ("states", "values") else (n,))}
+    if wrong:
+        raise ValueError(f"cmr: the memory state's layer {layer} has fields of shapes {wrong}; expected "
+                         f"[{n}, {dim}] states and values and [{n}] for the rest")
+    bad = [key for key, value in fields.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ValueError(f"cmr: the memory state's layer {layer} holds NaN or infinite {bad} (a diverged or "
+                         "tampered state)")
+    if n and int(fields["row"].min()) < 0:
+        raise ValueError(f"cmr: the memory state's layer {layer} has stream index {int(fields['row'].min())} < 0")
 
 
 def _state_layers(memory: dict[str, torch.Tensor]) -> set[str]:
