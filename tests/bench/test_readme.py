@@ -40,6 +40,21 @@ def test_update_replaces_marked_tables_only(tmp_path):
     assert f"git {rev[:7]}" in text and "mnnn bench copy --preset default" in text
 
 
+def test_absent_values_render_blank(tmp_path):
+    """A cell a suite wrote as ``None`` (no value for that row) is blank in the README, like the
+    table's other absent values; a word merely starting with None is kept."""
+    from mnnn.bench.readme import render
+
+    rev = _git_repo(tmp_path)
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "copy.md").write_text("| model | rate | note |\n|---|---|---|\n| a | None | Nonesuch |\n| b | 0.5 |  |\n")
+    (res / "copy.json").write_text(json.dumps({"date": "2026-11-22T00:00:00", "git_revision": rev, "dirty": False,
+                                               "sources": ["src/model.py"], "preset": "default"}))
+    body = render("copy", res, tmp_path)
+    assert "| a |  | Nonesuch |" in body and "| b | 0.5 |  |" in body and "| None |" not in body
+
+
 def test_results_that_cannot_be_checked_are_refused(tmp_path, capsys):
     """Results written before suites recorded ``dirty`` and ``sources`` cannot be shown fresh."""
     rev = _git_repo(tmp_path)

@@ -139,8 +139,14 @@ def render(suite: str, results: Path, repo: Path | None = None) -> str | None:
     rev = (info.get("git_revision") or "unknown")[:7]
     machine = info.get("machine", {})
     where = f"{machine.get('processor', '?')}, {machine.get('threads', '?')} threads, torch {machine.get('torch', '?')}"
-    return (f"\n{table.read_text().rstrip()}\n\n_{info.get('date', '?')[:10]}, git {rev}, {where}; reproduce: "
+    return (f"\n{_blank_missing(table.read_text().rstrip())}\n\n_{info.get('date', '?')[:10]}, git {rev}, {where}; reproduce: "
             f"`.venv/bin/mnnn bench {info.get('suite', suite)} --preset {info.get('preset', 'default')}`_\n")
+
+
+def _blank_missing(table: str) -> str:
+    """The suite's table with cells that hold ``None`` (a value the row does not have, e.g. the
+    planted hit rate of a per-segment read) left blank, as the table's other absent values are."""
+    return "\n".join(re.sub(r"(?<=\|) None(?= \|)", " ", line) for line in table.split("\n"))
 
 
 def marked(suite: str, body: str) -> str:
