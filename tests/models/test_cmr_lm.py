@@ -224,3 +224,18 @@ def test_a_memory_state_reads_the_same_in_a_fresh_model(base_ckpt):
         other(segs[2], type(kept).from_tensors(tampered))
     with pytest.raises(TypeError, match="CMRMemoryState"):
         other(segs[2], torch.zeros(2))
+
+
+def test_the_engine_serves_the_gpt2_base_and_refuses_cmr_clearly(base_ckpt):
+    """``mnnn serve`` on a gpt2 checkpoint re-reads each session's context window (greedy equals
+    ``generate``); on a CMR checkpoint it says why it does not serve it (it used to raise an
+    AttributeError on a missing ``embed``)."""
+    from mnnn.deploy.engine import InferenceEngine, Session
+
+    base, _ = load_checkpoint_model(base_ckpt)
+    engine = InferenceEngine(base)
+    assert engine.vocab_size == V
+    session = engine.read(Session(), [1, 2, 3])
+    assert list(engine.generate(session, 5, temperature=0)) == generate(base, [1, 2, 3], 5, temperature=0.0)
+    with pytest.raises(ValueError, match="serving a CMR model is not supported.*model.base"):
+        InferenceEngine(_cmr(base_ckpt))

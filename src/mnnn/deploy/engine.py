@@ -53,6 +53,11 @@ class InferenceEngine:
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_context: int | None = None):
         if not hasattr(model, "init_state"):
             raise TypeError(f"expected an mnnn token language model with init_state, got {type(model).__name__}")
+        if hasattr(model, "cmr"):
+            raise ValueError("serving a CMR model is not supported: its memory holds the segments a stream has "
+                             "read, and the engine re-reads a session's context window instead of keeping its "
+                             "segments, so the memory would never be read. Serve its base checkpoint "
+                             "(model.base) instead")
         stores = [b for b in getattr(model, "blocks", []) if getattr(b, "memory", None) is not None]
         if stores and getattr(model, "memory_enabled", True):
             raise ValueError("this model keeps its episodic stores in module buffers (memory_fusion 'membrane' or "
@@ -63,7 +68,9 @@ class InferenceEngine:
         self.lock = threading.RLock()
         self.stateful = not isinstance(model.init_state(1), NoState)
         self.max_context = int(max_context or getattr(model, "max_len", 512))
-        self.vocab_size = int(model.embed.num_embeddings)
+        from mnnn.lm import vocab_size  # the model's vocab_size, else its token embedding's rows
+
+        self.vocab_size = vocab_size(model)
         self._scores_targets = hasattr(model, "token_nll")
         self.prompt_nll = 0.0  # NLL of every prompt token after the first, since start (monitoring)
         self.prompt_tokens = 0
@@ -72,7 +79,7 @@ class InferenceEngine:
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed.weight.device
+        return next(self.model.parameters()).device
 
     # ---- text ----------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
