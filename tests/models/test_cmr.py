@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -286,6 +288,18 @@ def test_buffer_eviction_orders_and_save_load(tmp_path):
     loaded = LayeredMemoryBuffer.load(tmp_path / "buf.safetensors")
     for key, value in buf.data[0].items():
         assert torch.equal(loaded.data[0][key], value)
+    from mnnn.serialization import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(tmp_path / "buf.safetensors")
+    old = {k: v for k, v in tensors.items() if k.split("/")[1] not in ("values", "position", "next_token")}
+    save_tensors(tmp_path / "old.safetensors", old, meta)  # a file from before those fields were stored
+    legacy = LayeredMemoryBuffer.load(tmp_path / "old.safetensors")
+    assert torch.equal(legacy.data[0]["values"], buf.data[0]["states"])
+    assert (legacy.data[0]["next_token"] == -1).all() and (legacy.data[0]["position"] == -1).all()
+    tensors["0/states"][1, 0] = float("nan")
+    save_tensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(ValueError, match="bad.safetensors: layer 0 holds NaN or infinite"):  # checked as a state is
+        LayeredMemoryBuffer.load(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="stream index >= 0"):  # refused before anything is written
         buf.add(0, torch.zeros(1, 2), torch.ones(1), 5, torch.tensor([-1]))
     with pytest.raises(ValueError, match="one stream index"):
@@ -559,7 +573,7 @@ def test_output_read_equals_a_loop_over_positions_with_gradients(centered):
     center = torch.randn(B, 1, D) if centered else None
     score_bias = torch.randn(B, T, k, requires_grad=True)  # a learned retrieval score of each pick
     with torch.no_grad():
-        read.score_scale.fill_(0.7)
+        read.raw_score_scale.fill_(0.7)  # s = softplus(0.7) = 1.10
     out, lam = read(logits, query, states, next_token, idx, valid, center, score_bias=score_bias)
     ref, ref_lam = torch.empty(B, T, V), torch.zeros(B, T)
     for b in range(B):
@@ -594,7 +608,7 @@ def test_output_read_equals_a_loop_over_positions_with_gradients(centered):
     assert same is inplace
     torch.testing.assert_close(same, out.detach(), rtol=1e-6, atol=1e-6)
     target = torch.randint(0, 3, (B, T))
-    params = [logits, read.log_theta, read.gate.weight, read.proj.weight, read.score_scale, score_bias]
+    params = [logits, read.log_theta, read.gate.weight, read.proj.weight, read.raw_score_scale, score_bias]
     grads = torch.autograd.grad(out.log_softmax(-1).gather(-1, target[..., None]).sum(), params)
     ref_grads = torch.autograd.grad(ref.gather(-1, target[..., None]).sum(), params)
     for a, r in zip(grads, ref_grads):
@@ -742,6 +756,26 @@ def test_output_read_state_saved_before_the_learned_map_loads_as_identity():
     assert torch.equal(read.proj.weight, torch.eye(6))
 
 
+def test_output_read_score_scale_stays_positive_and_old_scales_load():
+    """The score scale is ``softplus(raw)``: positive whatever the optimiser does. A state that
+    held the scale itself loads as the same scale (a positive one exactly, 0 or none as the start:
+    only the contextual scorer's score uses it), and a negative one is refused with the reason."""
+    from mnnn.layers.output_read import OutputRead
+
+    read = OutputRead(6)
+    assert 0 < float(read.score_scale.detach()) < 0.01
+    with torch.no_grad():
+        read.raw_score_scale.fill_(-50.0)
+    assert float(read.score_scale.detach()) > 0
+    state = {k: v for k, v in OutputRead(6).state_dict().items() if k != "raw_score_scale"}
+    for old, want in ((0.7, 0.7), (0.0, float(OutputRead(6).score_scale.detach())), (None, float(OutputRead(6).score_scale.detach()))):
+        fresh = OutputRead(6)
+        fresh.load_state_dict(state if old is None else {**state, "score_scale": torch.tensor(old)})
+        assert math.isclose(float(fresh.score_scale.detach()), want, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="score_scale.*negative"):
+        OutputRead(6).load_state_dict({**state, "score_scale": torch.tensor(-0.4)})
+
+
 def test_output_read_stores_only_its_layer_and_trains_the_contextual_scorer():
     model = CMRModel(tiny_gpt2(), {**OUT, "retrieval_strategy": "contextual", "target_layers": [0, 1, 2],
                                    "output_read_layer": 1})
@@ -751,10 +785,10 @@ def test_output_read_stores_only_its_layer_and_trains_the_contextual_scorer():
     assert model.buffer.size(1) > 0 and model.buffer.size(0) == model.buffer.size(2) == 0  # nothing else is read
     assert model.memory_stats()["stored_fraction"] is not None
     out = model(s2, labels=s2)
-    grads = torch.autograd.grad(out.loss, [model.output_read.score_scale, *model.scorer.parameters()])
-    assert grads[0].abs() > 0  # the scale learns first (0 at the start: the scorer changes nothing yet)
+    grads = torch.autograd.grad(out.loss, [model.output_read.raw_score_scale, *model.scorer.parameters()])
+    assert grads[0].abs() > 0  # the scale learns first (0.0025 at the start: the scorer changes little yet)
     with torch.no_grad():
-        model.output_read.score_scale.fill_(1.0)
+        model.output_read.raw_score_scale.fill_(1.0)
     model.reset_memory()
     with torch.no_grad():
         model(s1)

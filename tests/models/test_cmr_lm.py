@@ -224,6 +224,10 @@ def test_a_memory_state_reads_the_same_in_a_fresh_model(base_ckpt):
         other(segs[2], type(kept).from_tensors(tampered))
     with pytest.raises(TypeError, match="CMRMemoryState"):
         other(segs[2], torch.zeros(2))
+    cut = {k: v for k, v in kept.tensors().items() if k != "segment"}  # its id is the held one's
+    other._held = int(cut["id"])
+    with pytest.raises(ValueError, match=r"no \['segment'\]"):  # a KeyError before
+        other(segs[2], type(kept).from_tensors(cut))
 
 
 def test_the_engine_serves_the_gpt2_base_and_refuses_cmr_clearly(base_ckpt):

@@ -17,7 +17,8 @@ readable entry, or a closed gate, keeps the base's logits bitwise). For a picked
 base logit ``l_w`` and ``Z = sum_v exp(l_v)``: ``l_w <- log(exp(l_w) + Z lambda_t p_mem(w) /
 (1 - lambda_t))``; every other logit is shifted by the same ``log(1 - lambda_t) - log Z`` in the
 mixture, so it stays as it is. ``r_{t,i}`` is a learned retrieval score of the pick (the contextual
-scorer's; 0 for the other rules) and ``s`` its learned scale (0 at the start). ``c`` is the
+scorer's; 0 for the other rules) and ``s = softplus(raw) > 0`` its learned scale (0.0025 at the
+start). ``c`` is the
 stream's mean entry when the caller centres (CMR does with ``center_keys``, as its retrieval does),
 else 0. ``W`` (``proj``, a ``D x D`` map that starts as the identity, so the untrained read is the
 plain cosine), ``theta``, ``g``, ``b`` and ``s`` are the only parameters (``lambda`` starts at
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _TINY = 1e-30  # p_mem where no retrieved entry holds the token: a finite stand-in for 0
+_RAW_SCALE_INIT = -6.0  # softplus(-6) = 0.0025: the score scale's start
 
 
 class OutputRead(nn.Module):
@@ -57,12 +59,20 @@ class OutputRead(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)  # W: identity at the start (the plain cosine)
         nn.init.eye_(self.proj.weight)
         # how much a learned retrieval score (the contextual scorer's) adds to the read's logits:
-        # 0 at the start, so an untrained scorer changes nothing, and learned with the rest
-        self.score_scale = nn.Parameter(torch.zeros(()))
+        # s = softplus(raw) > 0, about 0.0025 at the start (an untrained scorer changes almost
+        # nothing), learned with the rest. Kept positive: left free, s turned negative in the
+        # planted-recall probe (the read learned to avoid what its scorer ranked first) and the
+        # contextual read fell to chance (git dd7a905)
+        self.raw_score_scale = nn.Parameter(torch.tensor(_RAW_SCALE_INIT))
         self.register_load_state_dict_pre_hook(_identity_for_old_checkpoints)
         self.gate = nn.Linear(dim, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, math.log(lambda_init / (1 - lambda_init)))
+
+    @property
+    def score_scale(self) -> torch.Tensor:
+        """``s``: the weight of the learned retrieval score in the read's logits (``> 0``)."""
+        return F.softplus(self.raw_score_scale)
 
     @property
     def theta(self) -> float:
@@ -124,13 +134,24 @@ class OutputRead(nn.Module):
 
 
 def _identity_for_old_checkpoints(module, state_dict, prefix, *args) -> None:
-    """A state saved before the read had ``W`` and the score scale loads as the read it was:
-    ``W`` = identity, scale 0."""
+    """A state saved before the read had ``W`` loads with ``W`` = identity, as the read it was. A
+    state with the score scale ``s`` itself (before it was kept positive as ``softplus(raw)``)
+    loads ``raw = softplus^{-1}(s)`` for ``s > 0``, and the starting ``raw`` for ``s = 0`` or
+    no scale (the starting value then: ``s`` only weighs the contextual scorer's score, and a
+    read that never trained it had 0). A negative ``s`` has no positive equivalent: refused."""
     if prefix + "log_theta" not in state_dict:  # not this read's state: leave the error to load_state_dict
         return
     weight = module.proj.weight
     state_dict.setdefault(prefix + "proj.weight", torch.eye(weight.shape[0], dtype=weight.dtype))
-    state_dict.setdefault(prefix + "score_scale", torch.zeros(()))
+    old = state_dict.pop(prefix + "score_scale", None)
+    if prefix + "raw_score_scale" in state_dict:
+        return
+    s = 0.0 if old is None else float(old)
+    if not s >= 0:
+        raise ValueError(f"{prefix}score_scale: this state's output read learned a score scale of {s:g}; the read "
+                         "now keeps it positive (softplus) and cannot load a negative one: retrain the read")
+    raw = _RAW_SCALE_INIT if s == 0 else s + math.log(-math.expm1(-s))  # softplus^{-1}(s) = log(e^s - 1)
+    state_dict[prefix + "raw_score_scale"] = torch.tensor(raw, dtype=module.raw_score_scale.dtype)
 
 
 def logsumexp_rows(x: torch.Tensor, rows: int = 32) -> torch.Tensor:

@@ -167,9 +167,41 @@ class LayeredMemoryBuffer:
         return {"entries_per_layer": {str(k): self.size(k) for k in self.layers}, "total_entries": len(self),
                 "evictions": self.evictions}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every layer's fields as ``"<layer>/<field>"`` (sharing storage with the buffer): what
+        :meth:`save` writes and a carried memory state holds."""
+        return {f"{layer}/{key}": value for layer, d in self.data.items() for key, value in d.items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str = "the memory",
+                     device: torch.device | str | None = None, legacy: bool = False) -> None:
+        """Make ``tensors`` (named as :meth:`tensors` names them) every layer's entries, under new
+        versions. Each layer is checked before any is taken: every field present (with ``legacy``,
+        a file written before ``position``, ``next_token`` or ``values`` were stored gets -1, -1 and
+        the states), one entry count for all, ``[N, dim]`` states and values, finite values, streams >= 0.
+        ``source`` names the tensors in the errors; ``device``: where the entries go (default:
+        where they are)."""
+        layers = {}
+        for layer in self.layers:
+            fields = {key: tensors.get(f"{layer}/{key}") for key in _FIELDS}
+            if legacy and fields["row"] is not None:  # the fields stored only since later versions
+                for key in ("position", "next_token"):
+                    if fields[key] is None:
+                        fields[key] = torch.full((fields["row"].shape[0],), -1, dtype=torch.long)
+            if legacy and fields["values"] is None and fields["states"] is not None:
+                fields["values"] = fields["states"]
+            missing = [key for key, value in fields.items() if value is None]
+            if missing:
+                stored = sorted({key.split("/", 1)[0] for key in tensors if "/" in key and not key.startswith("summary/")})
+                raise ValueError(f"{source} has no {missing} for layer {layer} (written by another configuration?); "
+                                 f"its layers: {stored}")
+            _check_fields(layer, fields, self.dim, source)
+            layers[layer] = fields
+        for layer, fields in layers.items():
+            self.replace(layer, {key: value if device is None else value.to(device) for key, value in fields.items()})
+
     def save(self, path: str | Path) -> None:
         """safetensors + JSON header, written atomically."""
-        tensors = {f"{layer}/{key}": value.cpu() for layer, d in self.data.items() for key, value in d.items()}
+        tensors = {name: value.cpu() for name, value in self.tensors().items()}
         meta = {"kind": "mnnn.LayeredMemoryBuffer", "layers": self.layers, "dim": self.dim,
                 "max_entries_per_layer": self.max_entries_per_layer, "max_total_entries": self.max_total_entries,
                 "eviction_strategy": self.eviction_strategy, "evictions": self.evictions}
@@ -183,15 +215,22 @@ class LayeredMemoryBuffer:
         buf = cls(meta["layers"], meta["dim"], meta["max_entries_per_layer"], meta["max_total_entries"],
                   meta["eviction_strategy"])
         buf.evictions = meta["evictions"]
-        for layer in buf.layers:
-            for key in _FIELDS:
-                name = f"{layer}/{key}"
-                if name in tensors:
-                    buf.data[layer][key] = tensors[name]
-                elif key in ("position", "next_token"):  # files written before these were stored
-                    buf.data[layer][key] = torch.full((tensors[f"{layer}/row"].shape[0],), -1, dtype=torch.long)
-                elif key == "values":
-                    buf.data[layer][key] = tensors[f"{layer}/states"].clone()
-                else:
-                    raise ValueError(f"{path} misses tensor {name!r}")
+        buf.load_tensors(tensors, source=str(path), legacy=True)
         return buf
+
+
+def _check_fields(layer: int, fields: dict[str, torch.Tensor], dim: int, source: str) -> None:
+    """One layer's fields (e.g. from a file or a checkpoint) before the buffer takes them: one
+    entry count for all, ``[N, dim]`` states and values, finite values, streams >= 0."""
+    n = fields["states"].shape[0]
+    shapes = {key: tuple(value.shape) for key, value in fields.items()}
+    wrong = {key: shape for key, shape in shapes.items()
+             if shape != ((n, dim) if key in ("states", "values") else (n,))}
+    if wrong:
+        raise ValueError(f"{source}: layer {layer} has fields of shapes {wrong}; expected "
+                         f"[{n}, {dim}] states and values and [{n}] for the rest")
+    bad = [key for key, value in fields.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ValueError(f"{source}: layer {layer} holds NaN or infinite {bad} (a diverged or tampered state)")
+    if n and int(fields["row"].min()) < 0:
+        raise ValueError(f"{source}: layer {layer} has stream index {int(fields['row'].min())} < 0")

@@ -141,8 +141,8 @@ class CMRLanguageModel(nn.Module):
         """The memory the model holds now, as tensors. They share storage with the buffer, except
         ``last_access``, which reads update in place (copied, so the state stays as it was)."""
         cmr, buf = self.cmr, self.cmr.buffer
-        memory = {f"{layer}/{key}": (value.clone() if key == "last_access" else value)
-                  for layer, fields in buf.data.items() for key, value in fields.items()}
+        memory = {name: value.clone() if name.endswith("/last_access") else value
+                  for name, value in buf.tensors().items()}
         memory.update({f"summary/{layer}": value for layer, value in getattr(cmr, "_summary", {}).items()})
         memory["segment"] = torch.tensor(cmr.segment, dtype=torch.long)
         memory["evictions"] = torch.tensor(buf.evictions, dtype=torch.long)
@@ -156,27 +156,23 @@ class CMRLanguageModel(nn.Module):
         previous call's state); else (a checkpoint, a state kept from earlier, after an evaluation
         pass) the buffer takes its tensors under new versions, so no retrieval cache outlives it."""
         memory = state.memory
+        if not memory:  # an empty state (e.g. a checkpoint written before memories were carried)
+            self.reset_memory()
+            return
+        missing = [key for key in ("segment", "evictions", "relevance_threshold") if key not in memory]
+        if missing:
+            raise ValueError(f"cmr: the memory state has no {missing} (a tampered or cut state?); it holds "
+                             f"{sorted(memory)[:8]}")
         held = memory.get("id")
         if held is not None and self._held is not None and int(held) == self._held \
                 and int(memory["segment"]) == self.cmr.segment:
             return
-        cmr, buf = self.cmr, self.cmr.buffer
-        if "segment" not in memory:  # an empty state (e.g. a checkpoint written before memories were carried)
-            self.reset_memory()
-            return
-        device = next(self.parameters()).device
-        for layer in buf.layers:
-            fields = {key: memory.get(f"{layer}/{key}") for key in buf.data[layer]}
-            missing = [key for key, value in fields.items() if value is None]
-            if missing:
-                raise ValueError(f"cmr: the memory state has no {missing} for layer {layer} (a state of another "
-                                 f"CMR configuration?); its layers: {sorted(_state_layers(memory))}")
-            _check_layer_memory(layer, fields, buf.dim)
-            buf.replace(layer, {key: value.to(device) for key, value in fields.items()})
+        cmr, device = self.cmr, next(self.parameters()).device
+        cmr.buffer.load_tensors(memory, "cmr: the memory state", device)
         cmr._summary = {int(key.split("/", 1)[1]): value.to(device) for key, value in memory.items()
                         if key.startswith("summary/")}
         cmr.segment = int(memory["segment"])
-        buf.evictions = int(memory["evictions"])
+        cmr.buffer.evictions = int(memory["evictions"])
         cmr.relevance_threshold = float(memory["relevance_threshold"])
         self._held = None  # a load is not a state this model handed out
 
@@ -229,28 +225,6 @@ def _memory_equal(self: CMRMemoryState, other: object) -> bool:
 
 
 CMRMemoryState.__eq__ = _memory_equal  # TensorState's field-wise equality cannot compare a dict of tensors
-
-
-def _check_layer_memory(layer: int, fields: dict[str, torch.Tensor], dim: int) -> None:
-    """One layer's fields of a memory state (e.g. from a checkpoint) before the buffer takes them:
-    one entry count for all, ``[N, dim]`` states and values, finite values, streams >= 0."""
-    n = fields["states"].shape[0]
-    shapes = {key: tuple(value.shape) for key, value in fields.items()}
-    wrong = {key: shape for key, shape in shapes.items()
-             if shape != ((n, dim) if key in ("states", "values") else (n,))}
-    if wrong:
-        raise ValueError(f"cmr: the memory state's layer {layer} has fields of shapes {wrong}; expected "
-                         f"[{n}, {dim}] states and values and [{n}] for the rest")
-    bad = [key for key, value in fields.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
-    if bad:
-        raise ValueError(f"cmr: the memory state's layer {layer} holds NaN or infinite {bad} (a diverged or "
-                         "tampered state)")
-    if n and int(fields["row"].min()) < 0:
-        raise ValueError(f"cmr: the memory state's layer {layer} has stream index {int(fields['row'].min())} < 0")
-
-
-def _state_layers(memory: dict[str, torch.Tensor]) -> set[str]:
-    return {key.split("/", 1)[0] for key in memory if "/" in key and not key.startswith("summary/")}
 
 
 def _store_shared_once(module: nn.Module) -> None:
