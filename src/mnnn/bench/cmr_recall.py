@@ -45,7 +45,10 @@ probe (1000 steps) block 0 answered 0.81 and the last block 0.64.
 
 Planted hit rate: at the query keys (the positions that predict a value), the share whose
 retrieved entries include a state of the asked fact (its key or value position in segment 0) in
-the last target layer, beside the chance of that for as many entries drawn at random.
+the last target layer (the read layer for output-read rows), beside the chance of that for as
+many entries drawn at random. Key-entry hit rate: the share that include the fact's key state,
+the entry stored with the answer as its next token (the one the output read votes with; the
+value state's next token is the next fact's key), beside its chance ``k / N``.
 """
 
 from __future__ import annotations
@@ -148,21 +151,25 @@ def _run_episode(model: CMRModel, segs, use_memory: bool):
     return model(segs[-1], use_memory=use_memory).logits
 
 
-def _planted_hits(model: CMRModel, asked: torch.Tensor) -> dict[int, tuple[float, float, int]]:
+def _planted_hits(model: CMRModel, asked: torch.Tensor) -> dict[int, tuple[float, ...]]:
     """Per target layer, at the query keys (the positions that predict a value): how many
     positions' retrieved sets hold an entry of the asked fact (its key or value state in segment
-    0), the chance of that for as many entries drawn at random from the stream's store
-    (``1 - C(N-2, k) / C(N, k)``), and the number of positions."""
+    0) and the chance of that for as many entries drawn at random from the stream's store
+    (``1 - C(N-2, k) / C(N, k)``); how many hold the fact's key entry, the one stored with the
+    answer as its next token (what the output read votes with), and its chance ``k / N``; and the
+    number of positions."""
     out = {}
     for layer, r in model.last_retrieval.items():
         key_pos = torch.arange(asked.shape[1]) * 2  # query j's key sits at 2 j of the query segment
         idx_seg, idx_pos, valid = (r["segment"][:, key_pos], r["position"][:, key_pos], r["valid"][:, key_pos])
         fact = 2 * asked[..., None]
-        hit = (valid & (idx_seg == 0) & ((idx_pos == fact) | (idx_pos == fact + 1))).any(-1)
+        key_entry = valid & (idx_seg == 0) & (idx_pos == fact)
+        hit = (key_entry | (valid & (idx_seg == 0) & (idx_pos == fact + 1))).any(-1)
         n = r["entries"].float()[:, None]
         k = valid.sum(-1).float()
         chance = 1 - ((n - k) * (n - k - 1)).clamp_min(0) / (n * (n - 1)).clamp_min(1)
-        out[layer] = (float(hit.sum()), float(chance.sum()), hit.numel())
+        out[layer] = (float(hit.sum()), float(chance.sum()), float(key_entry.any(-1).sum()),
+                      float((k / n.clamp_min(1)).clamp_max(1).sum()), hit.numel())
     return out
 
 
@@ -179,11 +186,12 @@ def evaluate(model: CMRModel, episodes, use_memory: bool = True, details: dict |
         k = int(mask[:, 1:].sum())
         hits, n = hits + acc * k, n + k
         if use_memory and model.config.retrieval_mode == "token":
-            for layer, (h, ch, m) in _planted_hits(model, asked).items():
-                tot = planted.setdefault(layer, [0.0, 0.0, 0])
-                tot[0], tot[1], tot[2] = tot[0] + h, tot[1] + ch, tot[2] + m
+            for layer, counts in _planted_hits(model, asked).items():
+                tot = planted.setdefault(layer, [0.0] * len(counts))
+                planted[layer] = [a + b for a, b in zip(tot, counts)]
     if details is not None:
-        details.update({str(layer): {"planted_hit_rate": h / m, "chance": ch / m} for layer, (h, ch, m) in planted.items()})
+        details.update({str(layer): {"planted_hit_rate": h / m, "chance": ch / m, "key_entry_hit_rate": kh / m,
+                                     "key_entry_chance": kc / m} for layer, (h, ch, kh, kc, m) in planted.items()})
     return hits / max(n, 1)
 
 
@@ -338,11 +346,15 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                      "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9),
                      "accuracy_memory_off": evaluate(model, episodes, False),
                      "planted_hit_rate": details.get(last, {}).get("planted_hit_rate"),
-                     "planted_hit_chance": details.get(last, {}).get("chance"), "planted_hits_per_layer": details,
+                     "planted_hit_chance": details.get(last, {}).get("chance"),
+                     "key_entry_hit_rate": details.get(last, {}).get("key_entry_hit_rate"),
+                     "key_entry_chance": details.get(last, {}).get("key_entry_chance"), "planted_hits_per_layer": details,
                      "train_s": time.perf_counter() - start,
                      "gates": {} if values == "output" else {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()},
                      "kv_memory_weight": {k: r.bias.tolist() for k, r in model.kv_readers.items()},
-                     "output_theta": model.output_read.theta if model.output_read is not None else None})
+                     "output_theta": model.output_read.theta if model.output_read is not None else None,
+                     "output_score_scale": (float(model.output_read.score_scale.detach())
+                                            if model.output_read is not None else None)})
         if progress:
             r = rows[-1]
             tqdm.write(f"{r['model']}: accuracy {r['accuracy']:.3f} ({r['vs_in_window']:.2f} x in-window "
@@ -356,7 +368,8 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     write_json(out_dir / "cmr_recall.json", payload)
     (out_dir / "cmr_recall.md").write_text(markdown_table(rows, ["model", "budget", "accuracy", "vs_in_window",
                                                                           "accuracy_memory_off", "planted_hit_rate",
-                                                                          "planted_hit_chance"]))
+                                                                          "planted_hit_chance", "key_entry_hit_rate",
+                                                                          "key_entry_chance"]))
     _plot(rows, curves, c, out_dir / "cmr_recall.png")
     return payload
 
