@@ -121,10 +121,33 @@ def test_bench_preset_missing(tmp_path, capsys):
 def test_bench_cmr_toy(tmp_path):
     pytest.importorskip("transformers")
     assert main(["bench", "cmr", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
-    rows = json.loads((tmp_path / "cmr.json").read_text())["results"]
+    payload = json.loads((tmp_path / "cmr.json").read_text())
+    assert payload["check"]["passed"] and not payload["check"]["failures"]
+    rows = payload["results"]
     assert rows[0]["model"] == "base" and len(rows) == 17  # 4 strategies: per token, per segment, KV read, output
     assert sum("(KV read)" in r["model"] for r in rows) == 4 and sum("(output read)" in r["model"] for r in rows) == 4
     assert all(r.get("max_abs_diff_closed_gate", 0) < 1e-5 for r in rows)
+
+
+def test_bench_cmr_fails_before_timing_when_a_closed_read_changes_the_logits(tmp_path, monkeypatch, capsys):
+    """A CMR whose logits move off the base's (a read that leaks with its gate closed) fails the
+    check of every configuration: nothing is timed, the failures are in the JSON, exit 1."""
+    pytest.importorskip("transformers")
+    from mnnn.bench import cmr as suite
+
+    class Leaky(suite.CMRModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out["logits"] = out["logits"] + 1e-3
+            return out
+
+    monkeypatch.setattr(suite, "CMRModel", Leaky)
+    assert main(["bench", "cmr", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "cmr.json").read_text())
+    assert payload["check"]["passed"] is False and payload["results"] == []
+    assert len(payload["check"]["failures"]) == 16 and "cmr/semantic (KV read)" in " ".join(payload["check"]["failures"])
+    assert not (tmp_path / "cmr.png").exists()
+    assert "check failed" in capsys.readouterr().err
 
 
 def test_bench_cmr_wikitext_toy(tmp_path):
