@@ -321,6 +321,55 @@ def test_retrieval_cache_invalidated_by_writes():
         Retriever("multi_criteria", criteria_weights={"novelty": 1.0})
 
 
+@pytest.mark.parametrize("method", ["cross_attention", "kv_attention"])
+def test_remove_hooks_gives_the_base_back_bare(method):
+    """``remove_hooks`` takes every hook the CMR put on its base off again (a base wrapped by one
+    CMR after another, as the benchmarks do, carries no dead hooks) and the base computes what it
+    did before it was wrapped."""
+    base = tiny_gpt2()
+
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.modules())
+
+    s1, s2 = _segments()
+    with torch.no_grad():
+        bare = base(input_ids=s2).logits
+    before = hooks()
+    model = CMRModel(base, {"relevance_threshold": 0.0, "similarity_threshold": -1.0,
+                            "reconstruction_method": method})
+    ours = len(model.target_layers) * (2 if method == "kv_attention" else 1)
+    assert hooks() == before + ours
+    with torch.no_grad():
+        model(s1)
+        model(s2)
+    live = hooks()  # transformers may add its own (hidden-state recording); those stay
+    model.remove_hooks()
+    model.remove_hooks()  # harmless twice
+    assert hooks() == live - ours
+    with torch.no_grad():
+        torch.testing.assert_close(base(input_ids=s2).logits, bare, rtol=0, atol=0)
+
+
+def test_switching_criteria_weights_equals_a_retriever_built_with_them():
+    """``set_criteria_weights`` on a retriever that has cached picks: the next picks are those of a
+    retriever built with the new weights (the cache was dropped), and the weights are validated."""
+    torch.manual_seed(0)
+    buf = LayeredMemoryBuffer([0], 8)
+    for seg in range(3):
+        buf.add(0, torch.randn(12, 8), torch.rand(12), seg, torch.zeros(12))
+    q = torch.randn(8)
+    r = Retriever("multi_criteria", budget=4)
+    seed = r.retrieve(buf, 0, 0, q, 3)
+    recency_only = Retriever("multi_criteria", budget=4, criteria_weights={"recency": 1.0}).retrieve(buf, 0, 0, q, 3)
+    assert not torch.equal(seed, recency_only)
+    r.set_criteria_weights({"recency": 2.0})
+    assert r.weights == {"relevance": 0.0, "similarity": 0.0, "recency": 1.0, "diversity": 0.0}
+    assert torch.equal(r.retrieve(buf, 0, 0, q, 3), recency_only)
+    for bad in ({"novelty": 1.0}, {"recency": -1.0, "similarity": 2.0}, {"recency": 0.0}):
+        with pytest.raises(ValueError, match="criteria"):
+            r.set_criteria_weights(bad)
+
+
 @pytest.mark.parametrize("dense_ratio", [0, 100], ids=["gather", "dense"])
 @pytest.mark.parametrize("read_values", [False, True], ids=["keys", "values"])
 def test_per_token_reweaving_equals_a_loop_over_positions(dense_ratio, read_values):

@@ -56,7 +56,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         for mode, strategy in configs:
             model, _, _ = _with_memory(base, segs, strategy, mode, c, closed=True)
             closed[name, mode, strategy] = diff = _closed_gate_diff(model, base, segs[2])
-            _detach(model)
+            model.remove_hooks()
             if not diff <= 1e-5:
                 failures.append(f"{name} {_label(strategy, mode)}: closed-gate CMR differs from the base model "
                                 f"by {diff:.2e} (at most 1e-5)")
@@ -123,11 +123,6 @@ def _closed_gate_diff(model: CMRModel, base, seg: torch.Tensor) -> float:
     return (model(seg).logits - base(input_ids=seg).logits).abs().max().item()
 
 
-def _detach(model: CMRModel) -> None:
-    for h in model._handles:
-        h.remove()
-
-
 def _time_cmr(base, segs, strategy: str, mode: str, c) -> dict[str, Any]:
     """One CMR configuration on segment 3 with the memory of segments 1 and 2 (restored before
     every repeat, so each timed forward reads the same store), its reads open."""
@@ -159,7 +154,7 @@ def _time_cmr(base, segs, strategy: str, mode: str, c) -> dict[str, Any]:
            "overhead": statistics.median(ratios) - 1.0,
            "entries": sum(d["states"].shape[0] for d in snapshot.values()),
            "retrieval_ms": model.performance_stats()["retrieval_ms_per_segment"]}
-    _detach(model)
+    model.remove_hooks()
     return row
 
 

@@ -271,13 +271,34 @@ def _cmr(gpt2, c, strategy: str, budget: int, mode: str = "token", values: str =
                            "target_layers": list(range(c["n_layer"]))})
 
 
+def _criteria_switched_off(model: CMRModel, episodes, label: str, last: str, in_window: float) -> list[dict]:
+    """The trained multi-criteria ``model`` answered again with one criterion's weight set to 0
+    (the others renormalised), for each criterion in turn: an ablation on the same checkpoint.
+    Rows whose criterion already weighs 0 are skipped; the trained weights are restored."""
+    from mnnn.memory.retrieval import CRITERIA
+
+    trained = dict(model.retriever.weights)
+    rows = []
+    for off in CRITERIA:
+        rest = {c: w for c, w in trained.items() if c != off}
+        if trained[off] == 0 or sum(rest.values()) == 0:
+            continue
+        model.set_criteria_weights(rest)
+        details: dict = {}
+        acc = evaluate(model, episodes, details=details)
+        hit = details.get(last, {})
+        rows.append({"model": f"CMR trained: {label}, {off} switched off (same checkpoint)",
+                     "strategy": "multi_criteria", "switched_off": off, "criteria_weights": dict(model.retriever.weights),
+                     "budget": model.config.retrieval_budget, "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9),
+                     "planted_hit_rate": hit.get("planted_hit_rate"), "planted_hit_chance": hit.get("chance"),
+                     "key_entry_hit_rate": hit.get("key_entry_hit_rate"),
+                     "key_entry_chance": hit.get("key_entry_chance"), "planted_hits_per_layer": details})
+    model.set_criteria_weights(trained)
+    return rows
+
+
 def _weights_label(weights: dict[str, float]) -> str:
     return "/".join(f"{k} {v:g}" for k, v in weights.items())
-
-
-def _detach(model: CMRModel) -> None:
-    for h in model._handles:
-        h.remove()
 
 
 def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
@@ -307,12 +328,12 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     untrained = _cmr(gpt2, c, "semantic", entries)
     rows[1]["accuracy"] = evaluate(untrained, episodes, use_memory=False)
     rows.append({"model": "CMR untrained (output projection 0)", "accuracy": evaluate(untrained, episodes)})
-    _detach(untrained)
+    untrained.remove_hooks()
     untrained_kv = _cmr(gpt2, c, "semantic", entries, values="kv")
     acc = evaluate(untrained_kv, episodes)
     rows.append({"model": "CMR untrained, KV read of all memories (memory weight 0)", "budget": entries,
                  "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9)})
-    _detach(untrained_kv)
+    untrained_kv.remove_hooks()
     curves = {}
     weights = c.get("kv_criteria_weights")
     read_at = c.get("output_read_layer")
@@ -339,6 +360,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         curves[label] = train_cmr_episodes(model, c, progress, f"CMR {label}", lr, scorer_lr, steps)
         details: dict = {}
         acc = evaluate(model, episodes, details=details)
+        first = len(rows)
         rows.append({"model": f"CMR trained: {label}", "strategy": strategy, "mode": mode, "memory_values": values,
                      "budget": budget, "lr": lr, "steps": len(curves[label]), "read_layer": int(last),
                      **({"criteria_weights": extra["criteria_weights"]} if "criteria_weights" in extra else {}),
@@ -355,12 +377,14 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                      "output_theta": model.output_read.theta if model.output_read is not None else None,
                      "output_score_scale": (float(model.output_read.score_scale.detach())
                                             if model.output_read is not None else None)})
+        if strategy == "multi_criteria" and mode == "token":
+            rows.extend(_criteria_switched_off(model, episodes, label, last, in_window))
         if progress:
-            r = rows[-1]
-            tqdm.write(f"{r['model']}: accuracy {r['accuracy']:.3f} ({r['vs_in_window']:.2f} x in-window "
-                       f"{in_window:.3f}), memory off {r['accuracy_memory_off']:.3f}, planted hit rate "
-                       f"{r['planted_hit_rate']} (chance {r['planted_hit_chance']})")
-        _detach(model)
+            for r in rows[first:]:
+                tqdm.write(f"{r['model']}: accuracy {r['accuracy']:.3f} ({r['vs_in_window']:.2f} x in-window "
+                           f"{in_window:.3f}), planted hit rate {r['planted_hit_rate']} "
+                           f"(chance {r['planted_hit_chance']})")
+        model.remove_hooks()
     payload = {"suite": "cmr-recall", "preset": preset, "chance": 1.0 / c["keys"], "buffer_entries_per_layer": entries,
                "results": rows, "base_train_s": base_s, "base_steps_run": len(base_accs),
                "base_final_train_acc": sum(base_accs[-20:]) / max(len(base_accs[-20:]), 1),

@@ -144,8 +144,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         gates[values] = ({k: r.bias.tolist() for k, r in model.kv_readers.items()} if kv
                          else {"theta": model.output_read.theta} if output
                          else {k: torch.tanh(r.gate).item() for k, r in model.reweavers.items()})
-        for h in model._handles:
-            h.remove()
+        model.remove_hooks()
     payload = {"suite": "cmr-wikitext", "preset": preset, "results": rows, "base_train_steps": base_hist["steps"],
                "base_train_s": base_s, "cmr_train_s": cmr_s, "cmr_losses": losses, "gates": gates,
                "memory_info": memory_info, "valid_tokens": len(valid), **provenance(c)}

@@ -104,7 +104,20 @@ class Retriever:
                  scorer: ContextualScorer | None = None, center: bool = True):
         if strategy not in STRATEGIES:
             raise ValueError(f"retrieval strategy must be one of {STRATEGIES}, got {strategy!r}")
-        weights = dict(criteria_weights or {"relevance": 0.4, "similarity": 0.3, "recency": 0.2, "diversity": 0.1})
+        self.strategy, self.similarity_threshold, self.budget = strategy, similarity_threshold, budget
+        self.cache_size, self.max_clusters, self.scorer = cache_size, max_clusters, scorer
+        self.center = center  # per-token scoring only; the per-segment rules keep the seed's raw cosine
+        self._cache: OrderedDict = OrderedDict()
+        self.set_criteria_weights(criteria_weights or {"relevance": 0.4, "similarity": 0.3, "recency": 0.2,
+                                                       "diversity": 0.1})
+        self._clusters: dict = {}
+        self.cache_hits = self.cache_misses = 0
+        self.cluster_hits = self.cluster_misses = 0
+
+    def set_criteria_weights(self, criteria_weights: dict[str, float]) -> None:
+        """Replace the multi-criteria weights (normalised to sum 1; a criterion left out weighs 0)
+        and drop the cached picks, which were ranked with the old ones."""
+        weights = dict(criteria_weights)
         unknown = sorted(set(weights) - set(CRITERIA))
         if unknown:
             raise ValueError(f"unknown criteria {unknown}; known: {list(CRITERIA)}")
@@ -112,13 +125,7 @@ class Retriever:
         if total <= 0 or any(v < 0 for v in weights.values()):
             raise ValueError(f"criteria_weights must be non-negative with a positive sum, got {weights}")
         self.weights = {c: weights.get(c, 0.0) / total for c in CRITERIA}
-        self.strategy, self.similarity_threshold, self.budget = strategy, similarity_threshold, budget
-        self.cache_size, self.max_clusters, self.scorer = cache_size, max_clusters, scorer
-        self.center = center  # per-token scoring only; the per-segment rules keep the seed's raw cosine
-        self._cache: OrderedDict = OrderedDict()
-        self._clusters: dict = {}
-        self.cache_hits = self.cache_misses = 0
-        self.cluster_hits = self.cluster_misses = 0
+        self._cache.clear()
 
     # ---- per token ---------------------------------------------------------------------------------
     def retrieve_tokens(self, view: dict[str, torch.Tensor], query: torch.Tensor, segment: int,

@@ -315,6 +315,21 @@ class CMRModel(nn.Module):
         self._summary: dict[int, torch.Tensor] = {}
         self.reset_stats()
 
+    def remove_hooks(self) -> None:
+        """Detach this CMR from its base model: its forward hooks are removed, so the base runs bare
+        again (and can be wrapped by another CMR, as the benchmarks do with one frozen base). This
+        CMR reads no memory afterwards; calling it twice is harmless."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def set_criteria_weights(self, criteria_weights: dict[str, float]) -> None:
+        """Switch the multi-criteria weights of this (trained) model, e.g. one criterion off for an
+        ablation on the same checkpoint; ``config.criteria_weights`` follows. Same checks as the
+        config: known criteria, non-negative, positive sum."""
+        self.retriever.set_criteria_weights(criteria_weights)
+        self.config.criteria_weights = dict(criteria_weights)
+
     def reset_stats(self) -> None:
         """Zero the read statistics (the buffer keeps its entries)."""
         self.stats = {"segments": 0, "retrieved": 0, "reads_with_memory": 0, "reads": 0, "retrieval_s": 0.0,
