@@ -25,12 +25,14 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
         for off in ("s3cmn (memory off)", "text_native_ssmn (fast weights off)"):
             assert names.count(off) == len(names) // 6 and names[names.index(off) - 1] == off.split(" (")[0]
     if suite == "cmr-recall":  # each multi-criteria row is answered again with one criterion off
-        rows = payload["results"]
+        rows = payload["results"]  # and with its recency counted from the write
         for i, row in enumerate(rows):
             if row.get("strategy") == "multi_criteria" and row.get("mode") == "token":
-                offs = [r["switched_off"] for r in rows[i + 1: i + 5]]
-                assert offs == ["relevance", "similarity", "recency", "diversity"]
-                for r in rows[i + 1: i + 5]:
+                switched = rows[i + 1: i + 6]
+                assert [r.get("switched_off") for r in switched] == ["relevance", "similarity", "recency", "diversity",
+                                                                       None]
+                assert switched[-1]["recency_from"] == "write" and "recency from the write" in switched[-1]["model"]
+                for r in switched[:4]:
                     assert r["criteria_weights"][r["switched_off"]] == 0.0
                     assert abs(sum(r["criteria_weights"].values()) - 1) < 1e-9
     if suite == "mqar":  # the toy preset sweeps two learning rates and keeps each model's best

@@ -350,9 +350,9 @@ def test_remove_hooks_gives_the_base_back_bare(method):
         torch.testing.assert_close(base(input_ids=s2).logits, bare, rtol=0, atol=0)
 
 
-def test_switching_criteria_weights_equals_a_retriever_built_with_them():
-    """``set_criteria_weights`` on a retriever that has cached picks: the next picks are those of a
-    retriever built with the new weights (the cache was dropped), and the weights are validated."""
+def test_switching_multi_criteria_equals_a_retriever_built_with_it():
+    """``set_multi_criteria`` on a retriever that has cached picks: the next picks are those of a
+    retriever built with the new settings (the cache was dropped), and the settings are validated."""
     torch.manual_seed(0)
     buf = LayeredMemoryBuffer([0], 8)
     for seg in range(3):
@@ -362,12 +362,41 @@ def test_switching_criteria_weights_equals_a_retriever_built_with_them():
     seed = r.retrieve(buf, 0, 0, q, 3)
     recency_only = Retriever("multi_criteria", budget=4, criteria_weights={"recency": 1.0}).retrieve(buf, 0, 0, q, 3)
     assert not torch.equal(seed, recency_only)
-    r.set_criteria_weights({"recency": 2.0})
+    r.set_multi_criteria({"recency": 2.0})
     assert r.weights == {"relevance": 0.0, "similarity": 0.0, "recency": 1.0, "diversity": 0.0}
     assert torch.equal(r.retrieve(buf, 0, 0, q, 3), recency_only)
     for bad in ({"novelty": 1.0}, {"recency": -1.0, "similarity": 2.0}, {"recency": 0.0}):
         with pytest.raises(ValueError, match="criteria"):
-            r.set_criteria_weights(bad)
+            r.set_multi_criteria(bad)
+    with pytest.raises(ValueError, match="recency_from must be one of"):
+        r.set_multi_criteria(recency_from="read")
+    with pytest.raises(ValueError, match="recency_from must be one of"):
+        CMRConfig(recency_from="read")
+
+
+@pytest.mark.parametrize("mode", ["token", "segment"])
+def test_recency_counts_from_the_last_retrieval_or_the_write(mode):
+    """Recency alone, budget 1: with ``recency_from='access'`` an old entry retrieved in the last
+    segment is as recent as one written then; with ``'write'`` the newest write always wins. The
+    per-segment cache is keyed on the access clock, so a retrieval changes the next pick."""
+    buf = LayeredMemoryBuffer([0], 4)
+    buf.add(0, torch.eye(4)[:1], torch.ones(1), 0, torch.zeros(1))  # entry 0, written in segment 0
+    buf.add(0, torch.eye(4)[1:2], torch.ones(1), 2, torch.zeros(1))  # entry 1, written in segment 2
+    q = torch.eye(4)[2]  # orthogonal to both: only recency (and ties) decide
+    weights = {"recency": 1.0}
+
+    def pick(r):
+        if mode == "segment":
+            return r.retrieve(buf, 0, 0, q, 4).tolist()
+        view = buf.padded(0, 1)
+        idx, valid, _ = r.retrieve_tokens(view, q[None, None], 4, 0, buf.version[0])
+        return view["index"][0, idx[0, 0][valid[0, 0]]].tolist()
+
+    by_write = Retriever("multi_criteria", budget=1, criteria_weights=weights, recency_from="write")
+    by_access = Retriever("multi_criteria", budget=1, criteria_weights=weights)
+    assert pick(by_write) == [1] and pick(by_access) == [1]
+    buf.touch(0, torch.tensor([0]), 3)  # entry 0 retrieved in segment 3: now the more recent by access
+    assert pick(by_write) == [1] and pick(by_access) == [0]
 
 
 @pytest.mark.parametrize("dense_ratio", [0, 100], ids=["gather", "dense"])

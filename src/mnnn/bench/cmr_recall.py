@@ -34,7 +34,10 @@ KV rows train for ``kv_steps`` = 1000 episodes (their loss was still falling at 
 ``criteria_weights`` to ``kv_criteria_weights`` (similarity-led) at ``kv_lr``: with the seed's
 weights (relevance 0.4, similarity 0.3, recency 0.2, diversity 0.1) two query-independent terms
 outweigh the cosine, every position picks much the same entries, and the fact's entries are
-picked less often than at random in block 0 (0.13 vs chance 0.56 at git 830e356).
+picked less often than at random in block 0 (0.13 vs chance 0.56 at git 830e356). Every trained
+multi-criteria row (per token) is answered again on the same checkpoint with each criterion's
+weight switched to 0 in turn (the others renormalised) and with its recency counted from the write
+instead of the last retrieval (``recency_from``; the facts are the oldest writes by construction).
 Rows marked "output read" use ``memory_fusion='output'``
 (:class:`mnnn.layers.output_read.OutputRead`): no reweaving; the entries each position picks in
 one block (``output_read_layer`` = block 0, or the last block where the row says so) vote for the
@@ -273,27 +276,31 @@ def _cmr(gpt2, c, strategy: str, budget: int, mode: str = "token", values: str =
 
 def _criteria_switched_off(model: CMRModel, episodes, label: str, last: str, in_window: float) -> list[dict]:
     """The trained multi-criteria ``model`` answered again with one criterion's weight set to 0
-    (the others renormalised), for each criterion in turn: an ablation on the same checkpoint.
-    Rows whose criterion already weighs 0 are skipped; the trained weights are restored."""
+    (the others renormalised), for each criterion in turn, then with its recency counted from the
+    write instead of the last retrieval: ablations on the same checkpoint. A criterion that
+    already weighs 0 is skipped; the trained settings are restored."""
     from mnnn.memory.retrieval import CRITERIA
 
-    trained = dict(model.retriever.weights)
+    trained, clock = dict(model.retriever.weights), model.retriever.recency_from
+    switches = [(f"{off} switched off", {"switched_off": off}, {c: w for c, w in trained.items() if c != off}, clock)
+                for off in CRITERIA if trained[off] > 0 and sum(w for c, w in trained.items() if c != off) > 0]
+    other = "write" if clock == "access" else "access"
+    if trained["recency"] > 0:
+        switches.append((f"recency from the {other} (not the last {'retrieval' if clock == 'access' else 'write'})",
+                         {"recency_from": other}, trained, other))
     rows = []
-    for off in CRITERIA:
-        rest = {c: w for c, w in trained.items() if c != off}
-        if trained[off] == 0 or sum(rest.values()) == 0:
-            continue
-        model.set_criteria_weights(rest)
+    for name, tag, weights, recency_from in switches:
+        model.set_multi_criteria(weights, recency_from)
         details: dict = {}
         acc = evaluate(model, episodes, details=details)
         hit = details.get(last, {})
-        rows.append({"model": f"CMR trained: {label}, {off} switched off (same checkpoint)",
-                     "strategy": "multi_criteria", "switched_off": off, "criteria_weights": dict(model.retriever.weights),
-                     "budget": model.config.retrieval_budget, "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9),
+        rows.append({"model": f"CMR trained: {label}, {name} (same checkpoint)", "strategy": "multi_criteria", **tag,
+                     "criteria_weights": dict(model.retriever.weights), "budget": model.config.retrieval_budget,
+                     "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9),
                      "planted_hit_rate": hit.get("planted_hit_rate"), "planted_hit_chance": hit.get("chance"),
                      "key_entry_hit_rate": hit.get("key_entry_hit_rate"),
                      "key_entry_chance": hit.get("key_entry_chance"), "planted_hits_per_layer": details})
-    model.set_criteria_weights(trained)
+    model.set_multi_criteria(trained, clock)
     return rows
 
 

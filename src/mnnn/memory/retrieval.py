@@ -19,6 +19,7 @@ from torch import nn
 
 STRATEGIES = ("semantic", "contextual", "multi_criteria", "hierarchical")
 CRITERIA = ("relevance", "similarity", "recency", "diversity")
+RECENCY = ("access", "write")  # the clock of the multi-criteria recency: last retrieval, or the write
 
 
 def stream_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -87,8 +88,11 @@ class Retriever:
     * 'contextual': :class:`ContextualScorer` (trainable), best first.
     * 'multi_criteria': ``sum_c w_c x_c`` with the configured weights normalised to sum 1 over
       relevance (stored score), similarity (cosine mapped to [0, 1]), recency
-      (``exp(-(segment - written) / 4)``) and diversity (greedy: 1 - max cosine to the entries
-      already chosen). No learned network: the weights are the configuration.
+      (``exp(-(segment - t) / 4)``, ``t`` the segment in which the entry was last retrieved or,
+      never retrieved, written: ``recency_from='access'``, the clock the LRU eviction keeps and the
+      recency of Generative Agents' memory stream; ``'write'``: always the write) and diversity
+      (greedy: 1 - max cosine to the entries already chosen). No learned network: the weights are
+      the configuration.
     * 'hierarchical': k-means (``max_clusters``) over the layer's entries of the stream, cached per
       buffer version; the clusters nearest the query are opened until ``budget`` candidates exist,
       then the semantic rule ranks them.
@@ -101,31 +105,43 @@ class Retriever:
 
     def __init__(self, strategy: str, similarity_threshold: float = 0.7, budget: int = 32, cache_size: int = 1000,
                  max_clusters: int = 32, criteria_weights: dict[str, float] | None = None,
-                 scorer: ContextualScorer | None = None, center: bool = True):
+                 scorer: ContextualScorer | None = None, center: bool = True, recency_from: str = "access"):
         if strategy not in STRATEGIES:
             raise ValueError(f"retrieval strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.strategy, self.similarity_threshold, self.budget = strategy, similarity_threshold, budget
         self.cache_size, self.max_clusters, self.scorer = cache_size, max_clusters, scorer
         self.center = center  # per-token scoring only; the per-segment rules keep the seed's raw cosine
         self._cache: OrderedDict = OrderedDict()
-        self.set_criteria_weights(criteria_weights or {"relevance": 0.4, "similarity": 0.3, "recency": 0.2,
-                                                       "diversity": 0.1})
+        self.set_multi_criteria(criteria_weights or {"relevance": 0.4, "similarity": 0.3, "recency": 0.2,
+                                                     "diversity": 0.1}, recency_from)
         self._clusters: dict = {}
         self.cache_hits = self.cache_misses = 0
         self.cluster_hits = self.cluster_misses = 0
 
-    def set_criteria_weights(self, criteria_weights: dict[str, float]) -> None:
+    def set_multi_criteria(self, criteria_weights: dict[str, float] | None = None,
+                           recency_from: str | None = None) -> None:
         """Replace the multi-criteria weights (normalised to sum 1; a criterion left out weighs 0)
-        and drop the cached picks, which were ranked with the old ones."""
-        weights = dict(criteria_weights)
-        unknown = sorted(set(weights) - set(CRITERIA))
-        if unknown:
-            raise ValueError(f"unknown criteria {unknown}; known: {list(CRITERIA)}")
-        total = sum(weights.values())
-        if total <= 0 or any(v < 0 for v in weights.values()):
-            raise ValueError(f"criteria_weights must be non-negative with a positive sum, got {weights}")
-        self.weights = {c: weights.get(c, 0.0) / total for c in CRITERIA}
+        and/or the recency clock (None keeps the current one), and drop the cached picks, which
+        were ranked with the old ones."""
+        if criteria_weights is not None:
+            weights = dict(criteria_weights)
+            unknown = sorted(set(weights) - set(CRITERIA))
+            if unknown:
+                raise ValueError(f"unknown criteria {unknown}; known: {list(CRITERIA)}")
+            total = sum(weights.values())
+            if total <= 0 or any(v < 0 for v in weights.values()):
+                raise ValueError(f"criteria_weights must be non-negative with a positive sum, got {weights}")
+            self.weights = {c: weights.get(c, 0.0) / total for c in CRITERIA}
+        if recency_from is not None:
+            if recency_from not in RECENCY:
+                raise ValueError(f"recency_from must be one of {RECENCY}, got {recency_from!r}")
+            self.recency_from = recency_from
         self._cache.clear()
+
+    @property
+    def _clock(self) -> str:
+        """The buffer field the multi-criteria recency counts from."""
+        return "last_access" if self.recency_from == "access" else "segment"
 
     # ---- per token ---------------------------------------------------------------------------------
     def retrieve_tokens(self, view: dict[str, torch.Tensor], query: torch.Tensor, segment: int,
@@ -156,7 +172,7 @@ class Retriever:
                     ranked = sim
                     allowed = allowed & (sim >= self.similarity_threshold)
                 elif self.strategy == "multi_criteria":
-                    recency = torch.exp(-(segment - view["segment"].to(query.device)).float().clamp_min(0) / 4.0)
+                    recency = torch.exp(-(segment - view[self._clock].to(query.device)).float().clamp_min(0) / 4.0)
                     ranked = (self.weights["relevance"] * view["relevance"].to(sim)[:, None, :]
                               + self.weights["similarity"] * (sim + 1) / 2
                               + self.weights["recency"] * recency[:, None, :])
@@ -250,6 +266,8 @@ class Retriever:
         if candidates.numel() == 0:
             return candidates
         key = (layer, row, buffer.version[layer], segment, hash(query.detach().cpu().numpy().tobytes()))
+        if self.strategy == "multi_criteria" and self.recency_from == "access":  # a retrieval is no write:
+            key += (hash(d["last_access"][candidates].cpu().numpy().tobytes()),)  # key on the clock too
         learned = self.strategy == "contextual"
         if not learned and key in self._cache:
             self._cache.move_to_end(key)
@@ -263,7 +281,7 @@ class Retriever:
             with torch.no_grad():
                 picked = self.scorer(query, states).topk(min(self.budget, states.shape[0])).indices
         elif self.strategy == "multi_criteria":
-            picked = self._multi(query, states, d["relevance"][candidates], d["segment"][candidates], segment)
+            picked = self._multi(query, states, d["relevance"][candidates], d[self._clock][candidates], segment)
         else:
             picked = self._hierarchical(query, states, (layer, row, buffer.version[layer]))
         result = candidates[picked]
@@ -278,9 +296,9 @@ class Retriever:
         order = sim.argsort(descending=True)[: self.budget]
         return order[sim[order] >= self.similarity_threshold]
 
-    def _multi(self, query, states, relevance, written, segment):
+    def _multi(self, query, states, relevance, since, segment):
         sim = (_cos(query, states) + 1) / 2
-        recency = torch.exp(-(segment - written).float().clamp_min(0) / 4.0)
+        recency = torch.exp(-(segment - since).float().clamp_min(0) / 4.0)
         base = (self.weights["relevance"] * relevance.to(sim) + self.weights["similarity"] * sim
                 + self.weights["recency"] * recency.to(sim))
         unit = F.normalize(states, dim=-1)

@@ -32,7 +32,7 @@ from mnnn.layers.kv_read import KVMemoryRead
 from mnnn.layers.output_read import OutputRead
 from mnnn.layers.reweave import ReweaveLayer
 from mnnn.memory.layered import EVICTION, LayeredMemoryBuffer
-from mnnn.memory.retrieval import STRATEGIES, ContextualScorer, Retriever, stream_mean
+from mnnn.memory.retrieval import RECENCY, STRATEGIES, ContextualScorer, Retriever, stream_mean
 from mnnn.validation import check_real
 
 SCORING = ("attention_based", "variance_based", "hybrid")
@@ -66,6 +66,9 @@ class CMRConfig:
     max_clusters: int = 32
     criteria_weights: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"relevance": 0.4, "similarity": 0.3, "recency": 0.2, "diversity": 0.1})
+    # multi_criteria's recency counts segments since an entry was last retrieved ('access'; never
+    # retrieved: since its write) or since its write ('write')
+    recency_from: str = "access"
     retrieval_budget: int = 32
     # 'cross_attention': a gated cross-attention after the block reads stored block outputs;
     # 'kv_attention': the block's own attention reads stored attention keys/values (KVMemoryRead)
@@ -130,6 +133,8 @@ class CMRConfig:
             raise ValueError(f"retrieval_strategy must be one of {STRATEGIES}, got {self.retrieval_strategy!r}")
         if self.reconstruction_method not in RECONSTRUCTION:
             raise ValueError(f"reconstruction_method must be one of {RECONSTRUCTION}, got {self.reconstruction_method!r}")
+        if self.recency_from not in RECENCY:
+            raise ValueError(f"recency_from must be one of {RECENCY}, got {self.recency_from!r}")
         if self.retrieval_budget < 1:
             raise ValueError(f"retrieval_budget must be >= 1, got {self.retrieval_budget!r}")
 
@@ -251,7 +256,7 @@ class CMRModel(nn.Module):
                                           cfg.eviction_strategy)
         self.retriever = Retriever(cfg.retrieval_strategy, cfg.similarity_threshold, cfg.retrieval_budget,
                                    cfg.cache_size, cfg.max_clusters, cfg.criteria_weights, self.scorer,
-                                   center=cfg.center_keys)
+                                   center=cfg.center_keys, recency_from=cfg.recency_from)
         self.relevance_threshold = cfg.relevance_threshold
         self.read_layer = self._read_layer(cfg)
         # the layers whose states are stored: with the output read alone, only the one it queries
@@ -323,12 +328,16 @@ class CMRModel(nn.Module):
             handle.remove()
         self._handles = []
 
-    def set_criteria_weights(self, criteria_weights: dict[str, float]) -> None:
-        """Switch the multi-criteria weights of this (trained) model, e.g. one criterion off for an
-        ablation on the same checkpoint; ``config.criteria_weights`` follows. Same checks as the
-        config: known criteria, non-negative, positive sum."""
-        self.retriever.set_criteria_weights(criteria_weights)
-        self.config.criteria_weights = dict(criteria_weights)
+    def set_multi_criteria(self, criteria_weights: dict[str, float] | None = None,
+                           recency_from: str | None = None) -> None:
+        """Switch the multi-criteria weights and/or recency clock of this (trained) model, e.g. one
+        criterion off for an ablation on the same checkpoint (None keeps the current setting);
+        ``config`` follows. Same checks as the config."""
+        self.retriever.set_multi_criteria(criteria_weights, recency_from)
+        if criteria_weights is not None:
+            self.config.criteria_weights = dict(criteria_weights)
+        if recency_from is not None:
+            self.config.recency_from = recency_from
 
     def reset_stats(self) -> None:
         """Zero the read statistics (the buffer keeps its entries)."""
