@@ -54,7 +54,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     closed, failures = {}, []
     for name, (base, segs) in bases.items():
         for mode, strategy in configs:
-            model, _, _ = _with_memory(base, segs, strategy, mode, c, closed=True)
+            model = _with_memory(base, segs, strategy, mode, c, closed=True)
             closed[name, mode, strategy] = diff = _closed_gate_diff(model, base, segs[2])
             model.remove_hooks()
             if not diff <= 1e-5:
@@ -92,8 +92,7 @@ def _label(strategy: str, mode: str) -> str:
 
 
 def _with_memory(base, segs, strategy: str, mode: str, c, closed: bool = False):
-    """An untrained CMR of one configuration holding the memory of segments 1 and 2, with a copy
-    of that memory to restore. Its reads are open as built (KV memory weight 0, output gate at
+    """An untrained CMR of one configuration holding the memory of segments 1 and 2. Its reads are open as built (KV memory weight 0, output gate at
     its initial value; the reweaving's output projection is zero, which does not change its
     cost); ``closed``: closed after the writes (KV memory weight -inf, output gate bias -inf).
     ``mode`` 'kv': per-token retrieval read by the base's attention
@@ -112,9 +111,7 @@ def _with_memory(base, segs, strategy: str, mode: str, c, closed: bool = False):
                 r.bias.fill_(float("-inf"))
             if output:
                 model.output_read.gate.bias.fill_(float("-inf"))
-    snapshot = {layer: {k: v.clone() for k, v in d.items()} for layer, d in model.buffer.data.items()}
-    summary = {layer: v.clone() for layer, v in model._summary.items()}
-    return model, snapshot, summary
+    return model
 
 
 @torch.no_grad()
@@ -126,7 +123,9 @@ def _closed_gate_diff(model: CMRModel, base, seg: torch.Tensor) -> float:
 def _time_cmr(base, segs, strategy: str, mode: str, c) -> dict[str, Any]:
     """One CMR configuration on segment 3 with the memory of segments 1 and 2 (restored before
     every repeat, so each timed forward reads the same store), its reads open."""
-    model, snapshot, summary = _with_memory(base, segs, strategy, mode, c)
+    model = _with_memory(base, segs, strategy, mode, c)
+    snapshot = {layer: {k: v.clone() for k, v in d.items()} for layer, d in model.buffer.data.items()}
+    summary = {layer: v.clone() for layer, v in model._summary.items()}
     with torch.no_grad():
         def segment():
             for layer, d in snapshot.items():
