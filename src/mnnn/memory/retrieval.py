@@ -205,7 +205,12 @@ class Retriever:
     def _diverse_topk(self, base: torch.Tensor, states: torch.Tensor, k: int) -> torch.Tensor:
         """Greedy selection of ``k`` per position by ``base + w_div (1 - max cos to the chosen)``
         over a pool of the ``2k`` best by ``base`` (batched over streams and positions; the loop
-        runs ``k`` times)."""
+        runs ``k`` times).
+
+        ``1 - max`` is ``min`` of ``1 -``, and rounding is monotone, so each candidate's score is
+        the minimum over the chosen of ``C[pick, q] = base_q + w (1 - cos(pick, q))``: ``C`` is
+        built once and each step is an argmax, a row gather, a minimum and a scatter, with the
+        same values, bit for bit, as recomputing the score from the running maximum."""
         pool = base.topk(min(2 * k, base.shape[-1]), dim=-1).indices  # [B, T, P]
         unit = F.normalize(states.float(), dim=-1)
         B, T, P = pool.shape
@@ -216,22 +221,22 @@ class Retriever:
             pair = torch.bmm(vec, vec.transpose(1, 2)).view(B, T, P, P)
         else:  # the stream's Gram matrix once (the cheaper product here), then read the pool's pairs
             gram = unit @ unit.transpose(1, 2)  # [B, N, N]
-            flat = (torch.arange(B, device=pool.device)[:, None, None, None] * N + pool[..., :, None]) * N \
-                + pool[..., None, :]
+            row = pool * N + (N * N) * torch.arange(B, device=pool.device)[:, None, None]  # [B, T, P]
+            flat = row[..., :, None] + pool[..., None, :]
             pair = torch.take(gram, flat)  # [B, T, P, P]: cos within each position's pool
         score0 = base.gather(-1, pool)
-        max_sim = torch.zeros_like(score0)
-        taken = torch.zeros_like(score0, dtype=torch.bool)
-        chosen = []
         w = self.weights["diversity"]
+        cand = pair.clamp_min(0).to(score0.dtype).neg_().add_(1).mul_(w).add_(score0[..., None, :])  # C[pick, q]
+        cand = cand.view(B * T, P, P)
+        score = (score0 + w).view(B * T, P)  # nothing chosen yet: max cos 0
+        at = torch.arange(B * T, device=pool.device)
+        chosen = []
         for _ in range(k):
-            score = (score0 + w * (1 - max_sim)).masked_fill(taken, float("-inf"))
-            pick = score.argmax(-1, keepdim=True)  # [B, T, 1]
+            pick = score.max(-1).indices  # [B T]; the first maximum, as argmax (and faster on CPU)
             chosen.append(pick)
-            taken.scatter_(-1, pick, True)
-            row = pair.gather(2, pick[..., None].expand(B, T, 1, P)).squeeze(2)  # cos(pick, pool)
-            max_sim = torch.maximum(max_sim, row.clamp_min(0))
-        return pool.gather(-1, torch.cat(chosen, -1))
+            torch.minimum(score, cand[at, pick], out=score)
+            score[at, pick] = float("-inf")
+        return pool.gather(-1, torch.stack(chosen, -1).view(B, T, k))
 
     def _opened_tokens(self, view, query, layer: int, version: int) -> torch.Tensor:
         """``[B, T, N]``: entries in the clusters each position opens (nearest centroid first, until
