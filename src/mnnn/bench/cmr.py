@@ -92,12 +92,13 @@ def _label(strategy: str, mode: str) -> str:
 
 
 def _with_memory(base, segs, strategy: str, mode: str, c, closed: bool = False):
-    """An untrained CMR of one configuration holding the memory of segments 1 and 2. Its reads are open as built (KV memory weight 0, output gate at
-    its initial value; the reweaving's output projection is zero, which does not change its
-    cost); ``closed``: closed after the writes (KV memory weight -inf, output gate bias -inf).
-    ``mode`` 'kv': per-token retrieval read by the base's attention
-    (``reconstruction_method='kv_attention'``); 'output': per-token retrieval read into the output
-    distribution."""
+    """An untrained CMR of one configuration holding the memory of segments 1 and 2.
+
+    Its reads are open as built (KV memory weight 0, output gate at its initial value; the
+    reweaving's output projection is zero, which does not change its cost); ``closed``: closed
+    after the writes (KV memory weight -inf, output gate bias -inf). ``mode`` 'kv': per-token
+    retrieval read by the base's attention (``reconstruction_method='kv_attention'``); 'output':
+    per-token retrieval read into the output distribution."""
     kv, output = mode == "kv", mode == "output"
     model = CMRModel(base, {"retrieval_strategy": strategy, "retrieval_budget": c["budget"],
                             "retrieval_mode": "token" if kv or output else mode, "similarity_threshold": -1.0,

@@ -282,12 +282,15 @@ def _criteria_switched_off(model: CMRModel, episodes, label: str, last: str, in_
     from mnnn.memory.retrieval import CRITERIA
 
     trained, clock = dict(model.retriever.weights), model.retriever.recency_from
-    switches = [(f"{off} switched off", {"switched_off": off}, {c: w for c, w in trained.items() if c != off}, clock)
-                for off in CRITERIA if trained[off] > 0 and sum(w for c, w in trained.items() if c != off) > 0]
+    switches = []
+    for off in CRITERIA:
+        rest = {c: w for c, w in trained.items() if c != off}
+        if trained[off] > 0 and sum(rest.values()) > 0:
+            switches.append((f"{off} switched off", {"switched_off": off}, rest, clock))
     other = "write" if clock == "access" else "access"
     if trained["recency"] > 0:
-        switches.append((f"recency from the {other} (not the last {'retrieval' if clock == 'access' else 'write'})",
-                         {"recency_from": other}, trained, other))
+        since = {"access": "the last retrieval", "write": "the write"}
+        switches.append((f"recency from {since[other]} (not {since[clock]})", {"recency_from": other}, trained, other))
     rows = []
     for name, tag, weights, recency_from in switches:
         model.set_multi_criteria(weights, recency_from)
@@ -388,9 +391,10 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
             rows.extend(_criteria_switched_off(model, episodes, label, last, in_window))
         if progress:
             for r in rows[first:]:
+                off = r.get("accuracy_memory_off")
                 tqdm.write(f"{r['model']}: accuracy {r['accuracy']:.3f} ({r['vs_in_window']:.2f} x in-window "
-                           f"{in_window:.3f}), planted hit rate {r['planted_hit_rate']} "
-                           f"(chance {r['planted_hit_chance']})")
+                           f"{in_window:.3f}" + ("" if off is None else f"; memory off {off:.3f}")
+                           + f"), planted hit rate {r['planted_hit_rate']} (chance {r['planted_hit_chance']})")
         model.remove_hooks()
     payload = {"suite": "cmr-recall", "preset": preset, "chance": 1.0 / c["keys"], "buffer_entries_per_layer": entries,
                "results": rows, "base_train_s": base_s, "base_steps_run": len(base_accs),
