@@ -469,14 +469,19 @@ def test_an_entry_is_read_as_the_state_that_followed_it():
     assert torch.equal(own.buffer.data[1]["states"], own.buffer.data[1]["values"])
 
 
+@pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dim", [8, 300])  # both pool-similarity paths (gathered vectors / Gram matrix)
-def test_diverse_topk_equals_a_greedy_loop(dim):
+def test_diverse_topk_equals_a_greedy_loop(dim, masked):
     torch.manual_seed(0)
     r = Retriever("multi_criteria", budget=4)
     B, T, N, k = 2, 3, 12, 4
     states = torch.randn(B, N, dim, dtype=torch.float64)
     base = torch.rand(B, T, N, dtype=torch.float64)
+    if masked:  # entries a position may not read (padding, other streams) score -inf; 2k stay finite
+        base[:, :, [1, 5, 9]] = float("-inf")
     fast = r._diverse_topk(base, states, k)
+    if masked:
+        assert not bool(torch.isin(fast, torch.tensor([1, 5, 9])).any())
     unit = torch.nn.functional.normalize(states, dim=-1)
     w = r.weights["diversity"]
     for b in range(B):
