@@ -469,13 +469,24 @@ def test_an_entry_is_read_as_the_state_that_followed_it():
     assert torch.equal(own.buffer.data[1]["states"], own.buffer.data[1]["values"])
 
 
+def _greedy_diverse(base, unit, pool, k, w):
+    """The greedy diversity rule, one candidate at a time: ``base`` and ``unit`` of one position."""
+    chosen: list[int] = []
+    for _ in range(k):
+        def score(i):
+            div = 1 - max([float((unit[i] @ unit[j]).clamp_min(0)) for j in chosen], default=0.0)
+            return float(base[i]) + w * div
+        chosen.append(max((i for i in pool if i not in chosen), key=score))
+    return chosen
+
+
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("dim", [8, 300])  # both pool-similarity paths (gathered vectors / Gram matrix)
-def test_diverse_topk_equals_a_greedy_loop(dim, masked):
+@pytest.mark.parametrize("T", [3, 20])  # both row sources: each pick against its pool / the Gram matrix
+def test_diverse_topk_equals_a_greedy_loop(T, masked):
     torch.manual_seed(0)
     r = Retriever("multi_criteria", budget=4)
-    B, T, N, k = 2, 3, 12, 4
-    states = torch.randn(B, N, dim, dtype=torch.float64)
+    B, N, k = 2, 12, 4
+    states = torch.randn(B, N, 16, dtype=torch.float64)
     base = torch.rand(B, T, N, dtype=torch.float64)
     if masked:  # entries a position may not read (padding, other streams) score -inf; 2k stay finite
         base[:, :, [1, 5, 9]] = float("-inf")
@@ -483,17 +494,22 @@ def test_diverse_topk_equals_a_greedy_loop(dim, masked):
     if masked:
         assert not bool(torch.isin(fast, torch.tensor([1, 5, 9])).any())
     unit = torch.nn.functional.normalize(states, dim=-1)
-    w = r.weights["diversity"]
     for b in range(B):
         for t in range(T):
             pool = base[b, t].topk(2 * k).indices.tolist()
-            chosen: list[int] = []
-            for _ in range(k):
-                def score(i):
-                    div = 1 - max([float((unit[b, i] @ unit[b, j]).clamp_min(0)) for j in chosen], default=0.0)
-                    return float(base[b, t, i]) + w * div
-                chosen.append(max((i for i in pool if i not in chosen), key=score))
-            assert fast[b, t].tolist() == chosen
+            assert fast[b, t].tolist() == _greedy_diverse(base[b, t], unit[b], pool, k, r.weights["diversity"])
+
+
+def test_the_per_segment_multi_criteria_rule_is_the_greedy_loop_over_every_entry():
+    torch.manual_seed(1)
+    r = Retriever("multi_criteria", budget=6)
+    query, states = torch.randn(16, dtype=torch.float64), torch.randn(20, 16, dtype=torch.float64)
+    relevance, since = torch.rand(20, dtype=torch.float64), torch.randint(0, 4, (20,))
+    picked = r._multi(query, states, relevance, since, segment=4)
+    cos = torch.nn.functional.cosine_similarity(query[None], states, dim=-1)
+    base = (0.4 * relevance + 0.3 * (cos + 1) / 2 + 0.2 * torch.exp(-(4 - since).double() / 4.0))
+    unit = torch.nn.functional.normalize(states, dim=-1)
+    assert picked.tolist() == _greedy_diverse(base, unit, range(20), 6, r.weights["diversity"])
 
 
 def test_generate_reads_memory_per_token_and_the_switch_gives_the_base():

@@ -202,41 +202,56 @@ class Retriever:
         mean = stream_mean(sf, mask)
         return qf - mean, sf - mean
 
-    def _diverse_topk(self, base: torch.Tensor, states: torch.Tensor, k: int) -> torch.Tensor:
+    def _diverse_topk(self, base: torch.Tensor, states: torch.Tensor, k: int, pool: int | None = None) -> torch.Tensor:
         """Greedy selection of ``k`` per position by ``base + w_div (1 - max cos to the chosen)``
-        over a pool of the ``2k`` best by ``base`` (batched over streams and positions; the loop
-        runs ``k`` times).
+        over a pool of the ``pool`` (default ``2k``) best by ``base`` (batched over streams and
+        positions; the loop runs ``k`` times). ``base [B, T, N]``, ``states [B, N, d]``; returns
+        ``[B, T, k]`` indices into N.
 
         ``1 - max`` is ``min`` of ``1 -``, and rounding is monotone, so each candidate's score is
-        the minimum over the chosen of ``C[pick, q] = base_q + w (1 - cos(pick, q))``: ``C`` is
-        built once and each step is an argmax, a row gather, a minimum and a scatter, with the
-        same values, bit for bit, as recomputing the score from the running maximum."""
-        pool = base.topk(min(2 * k, base.shape[-1]), dim=-1).indices  # [B, T, P]
+        the minimum over the chosen of ``C[pick, q] = base_q + w (1 - max(cos(pick, q), 0))``: each
+        step is an argmax, the pick's row of ``C``, a minimum and a fill, with the same values, bit
+        for bit, as recomputing the score from the running maximum. The rows come from the stream's
+        Gram matrix (the penalty is elementwise, so it is taken on the Gram matrix once and the
+        rows read from it) or, where that costs more, from the pick's vector against its pool."""
+        P = min(2 * k if pool is None else pool, base.shape[-1])
+        top = base.topk(P, dim=-1).indices  # [B, T, P]
         unit = F.normalize(states.float(), dim=-1)
-        B, T, P = pool.shape
+        B, T, _ = top.shape
         N, d = unit.shape[1], unit.shape[2]
-        if N * N > T * P * P:  # more entries than pooled pairs: gather the pool's vectors, one bmm
-            rows = (pool + N * torch.arange(B, device=pool.device)[:, None, None]).reshape(-1)
-            vec = unit.reshape(B * N, d).index_select(0, rows).view(B * T, P, d)
-            pair = torch.bmm(vec, vec.transpose(1, 2)).view(B, T, P, P)
-        else:  # the stream's Gram matrix once (the cheaper product here), then read the pool's pairs
-            gram = unit @ unit.transpose(1, 2)  # [B, N, N]
-            row = pool * N + (N * N) * torch.arange(B, device=pool.device)[:, None, None]  # [B, T, P]
-            flat = row[..., :, None] + pool[..., None, :]
-            pair = torch.take(gram, flat)  # [B, T, P, P]: cos within each position's pool
-        score0 = base.gather(-1, pool)
         w = self.weights["diversity"]
-        cand = pair.clamp_min(0).to(score0.dtype).neg_().add_(1).mul_(w).add_(score0[..., None, :])  # C[pick, q]
-        cand = cand.view(B * T, P, P)
-        score = (score0 + w).view(B * T, P)  # nothing chosen yet: max cos 0
-        at = torch.arange(B * T, device=pool.device)
+
+        def penalty(cos: torch.Tensor) -> torch.Tensor:
+            return cos.clamp_min_(0).to(base.dtype).neg_().add_(1).mul_(w)
+
+        score0 = base.gather(-1, top).view(B * T, P)
+        score = score0 + w  # nothing chosen yet: max cos 0
+        start = torch.arange(B * T, device=top.device) * P  # row t of the flat [B T P] score and table
+        # the cheaper of two products (multiply-adds per stream, times d): each step's pick against
+        # its pool (k T P; few positions, e.g. the per-segment rule's one query) or the stream's
+        # Gram matrix once (N^2). (All pooled pairs, T P^2, never costs less: P >= k.)
+        if k * T * P < N * N:
+            rows = (top + N * torch.arange(B, device=top.device)[:, None, None]).reshape(-1)
+            vec = unit.reshape(B * N, d).index_select(0, rows).view(B * T, P, d)
+            at = torch.arange(B * T, device=top.device)
+
+            def row(pick):
+                return penalty(torch.bmm(vec, vec[at, pick][..., None]).squeeze(-1)).add_(score0)
+        else:
+            table = penalty(unit @ unit.transpose(1, 2)).view(-1)  # [B N N], flat
+            ids = top.view(B * T, P)
+            offset = ids + (N * N) * torch.arange(B, device=top.device).repeat_interleave(T)[:, None]
+            starts = ids * N  # the flat start of each pooled entry's row
+
+            def row(pick):
+                return table.take(offset + starts.gather(1, pick[:, None])).add_(score0)
         chosen = []
         for _ in range(k):
             pick = score.max(-1).indices  # [B T]; the first maximum, as argmax (and faster on CPU)
             chosen.append(pick)
-            torch.minimum(score, cand[at, pick], out=score)
-            score[at, pick] = float("-inf")
-        return pool.gather(-1, torch.stack(chosen, -1).view(B, T, k))
+            torch.minimum(score, row(pick), out=score)
+            score.view(-1).index_fill_(0, start + pick, float("-inf"))
+        return top.gather(-1, torch.stack(chosen, -1).view(B, T, k))
 
     def _opened_tokens(self, view, query, layer: int, version: int) -> torch.Tensor:
         """``[B, T, N]``: entries in the clusters each position opens (nearest centroid first, until
@@ -302,21 +317,13 @@ class Retriever:
         return order[sim[order] >= self.similarity_threshold]
 
     def _multi(self, query, states, relevance, since, segment):
+        """The per-segment rule: :meth:`_diverse_topk` for one query over all the stream's entries."""
         sim = (_cos(query, states) + 1) / 2
         recency = torch.exp(-(segment - since).float().clamp_min(0) / 4.0)
         base = (self.weights["relevance"] * relevance.to(sim) + self.weights["similarity"] * sim
                 + self.weights["recency"] * recency.to(sim))
-        unit = F.normalize(states, dim=-1)
-        chosen: list[int] = []
-        max_sim = torch.zeros_like(sim)
-        for _ in range(min(self.budget, states.shape[0])):
-            score = base + self.weights["diversity"] * (1 - max_sim)
-            if chosen:
-                score[chosen] = float("-inf")
-            i = int(score.argmax())
-            chosen.append(i)
-            max_sim = torch.maximum(max_sim, (unit @ unit[i]).clamp_min(0))
-        return torch.tensor(chosen, dtype=torch.long, device=states.device)
+        N = states.shape[0]
+        return self._diverse_topk(base[None, None], states[None], min(self.budget, N), pool=N)[0, 0]
 
     def _clusters_for(self, key, states):
         if key in self._clusters:
