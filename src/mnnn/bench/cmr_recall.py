@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mnnn.bench.cmr_checks import verify_cmr
 from mnnn.bench.common import markdown_table, provenance, write_json
 from mnnn.memory.retrieval import STRATEGIES
 from mnnn.models.cmr import CMRModel
@@ -311,16 +312,47 @@ def _weights_label(weights: dict[str, float]) -> str:
     return "/".join(f"{k} {v:g}" for k, v in weights.items())
 
 
-def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
+def _gpt2(c):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    return GPT2LMHeadModel(GPT2Config(vocab_size=_vocab(c), n_positions=c["segment"], n_embd=c["n_embd"],
+                                      n_layer=c["n_layer"], n_head=c["n_head"], bos_token_id=0, eos_token_id=0,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def _configs(c, entries: int) -> list[tuple]:
+    """The trained rows' configurations: ``(label, strategy, budget, mode, values, extra)``."""
+    weights = c.get("kv_criteria_weights")
+    read_at = c.get("output_read_layer")
+    at = {} if read_at is None else {"output_read_layer": read_at}
+    return ([("all memories", "semantic", entries, "token", "next", {})]
+            + [(s, s, c["budget"], "token", "next", {}) for s in STRATEGIES]
+            + [(f"{s}, values = {_VALUE_LABEL[v]}", s, c["budget"], "token", v, {})
+               for s, v in c.get("value_ablations", ())]
+            + [(f"{s}, per segment", s, c["budget"], "segment", "next", {}) for s in c.get("segment_strategies", ())]
+            + [("all memories, KV read", "semantic", entries, "token", "kv", {})]
+            + [(f"{s}, KV read", s, c["budget"], "token", "kv", {}) for s in STRATEGIES]
+            + ([("multi_criteria, KV read, weights " + _weights_label(weights), "multi_criteria", c["budget"],
+                 "token", "kv", {"criteria_weights": weights})] if weights else [])
+            + [("semantic, output read at the last block", "semantic", c["budget"], "token", "output", {})]
+            + [(f"{s}, output read" + ("" if read_at is None else f" at block {read_at}"), s, c["budget"], "token",
+                "output", at) for s in STRATEGIES])
+
+
+def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
     c = PRESETS[preset]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    entries = (c["gap"] + 1) * c["segment"]
+    # checks first, on fresh models of every configuration, before anything trains
+    check = verify_cmr({label: (lambda a=args: _cmr(_gpt2(c), c, *a)) for label, *args in _configs(c, entries)},
+                       vocab=_vocab(c), segment=c["segment"])
+    if not check["passed"]:
+        payload = {"suite": "cmr-recall", "preset": preset, "results": [], "check": check, **provenance(c)}
+        write_json(out_dir / "cmr_recall.json", payload)
+        return payload
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=_vocab(c), n_positions=c["segment"], n_embd=c["n_embd"],
-                                      n_layer=c["n_layer"], n_head=c["n_head"], bos_token_id=0, eos_token_id=0,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    gpt2 = _gpt2(c)
     start = time.perf_counter()
     base_accs = train_base(gpt2, c, progress)
     base_s = time.perf_counter() - start
@@ -332,7 +364,6 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     with torch.no_grad():
         window = [in_window_batch(c, eval_batch, g) for _ in range(len(episodes))]
         in_window = sum(_masked_loss_acc(gpt2(input_ids=x).logits, x, m)[1] for x, m in window) / len(window)
-    entries = (c["gap"] + 1) * c["segment"]
     rows = [{"model": "base, facts in window", "accuracy": in_window},
             {"model": "base, facts beyond window", "accuracy": None}]
     untrained = _cmr(gpt2, c, "semantic", entries)
@@ -345,21 +376,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                  "accuracy": acc, "vs_in_window": acc / max(in_window, 1e-9)})
     untrained_kv.remove_hooks()
     curves = {}
-    weights = c.get("kv_criteria_weights")
-    read_at = c.get("output_read_layer")
-    at = {} if read_at is None else {"output_read_layer": read_at}
-    configs = ([("all memories", "semantic", entries, "token", "next", {})]
-               + [(s, s, c["budget"], "token", "next", {}) for s in STRATEGIES]
-               + [(f"{s}, values = {_VALUE_LABEL[v]}", s, c["budget"], "token", v, {})
-                  for s, v in c.get("value_ablations", ())]
-               + [(f"{s}, per segment", s, c["budget"], "segment", "next", {}) for s in c.get("segment_strategies", ())]
-               + [("all memories, KV read", "semantic", entries, "token", "kv", {})]
-               + [(f"{s}, KV read", s, c["budget"], "token", "kv", {}) for s in STRATEGIES]
-               + ([("multi_criteria, KV read, weights " + _weights_label(weights), "multi_criteria", c["budget"],
-                    "token", "kv", {"criteria_weights": weights})] if weights else [])
-               + [("semantic, output read at the last block", "semantic", c["budget"], "token", "output", {})]
-               + [(f"{s}, output read" + ("" if read_at is None else f" at block {read_at}"), s, c["budget"], "token",
-                   "output", at) for s in STRATEGIES])
+    configs = _configs(c, entries)
     for label, strategy, budget, mode, values, extra in configs:
         model = _cmr(gpt2, c, strategy, budget, mode, values, extra)
         last = str(model.read_layer if values == "output" else c["n_layer"] - 1)
@@ -399,7 +416,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     payload = {"suite": "cmr-recall", "preset": preset, "chance": 1.0 / c["keys"], "buffer_entries_per_layer": entries,
                "results": rows, "base_train_s": base_s, "base_steps_run": len(base_accs),
                "base_final_train_acc": sum(base_accs[-20:]) / max(len(base_accs[-20:]), 1),
-               "cmr_losses": curves, **provenance(c)}
+               "cmr_losses": curves, "check": check, **provenance(c)}
     write_json(out_dir / "cmr_recall.json", payload)
     (out_dir / "cmr_recall.md").write_text(markdown_table(rows, ["model", "budget", "accuracy", "vs_in_window",
                                                                           "accuracy_memory_off", "planted_hit_rate",

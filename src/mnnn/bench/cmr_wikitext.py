@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnnn.bench.cmr_checks import verify_cmr
 from mnnn.bench.common import markdown_table, provenance, write_json
 from mnnn.data.wikitext import load_split
 from mnnn.models.cmr import CMRModel, train_cmr
@@ -88,16 +89,42 @@ def segment_ppl(model: CMRModel, ids, streams: int, segment: int, use_memory: bo
     return math.exp(nll / n)
 
 
-def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
+def _config(c, values: str) -> dict[str, Any]:
+    """The CMR configuration of one row group (``values``: a kind of memory value, 'kv' or
+    'output-<budget>')."""
+    kv, output = values == "kv", values.startswith("output")
+    budget = int(values.split("-")[1]) if "-" in values else 32
+    return {"retrieval_strategy": c["output_strategy"] if output else c["strategy"], "retrieval_budget": budget,
+            "memory_values": None if kv or output else values,
+            "reconstruction_method": "kv_attention" if kv else "cross_attention",
+            "memory_fusion": "output" if output else "reweave",
+            # the output read is a cache: it stores every position (relevance in (0, 1)) and reads
+            # its top entries by cosine with no floor
+            **({"relevance_threshold": 0.0} if output else {}),
+            "similarity_threshold": -1.0 if output else 0.0, "max_entries_per_layer": 4000}
+
+
+def _gpt2(c):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    return GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=c["segment"], n_embd=c["n_embd"],
+                                      n_layer=c["n_layer"], n_head=c["n_head"], bos_token_id=0, eos_token_id=0))
+
+
+def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
     c = PRESETS[preset]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, valid = load_split("train"), load_split("valid")[: c["valid_tokens"]]
+    # checks first, on fresh models of every configuration, before anything trains
+    check = verify_cmr({values: lambda values=values: CMRModel(_gpt2(c), _config(c, values)) for values in c["values"]},
+                       vocab=30522, segment=c["segment"])
+    if not check["passed"]:
+        payload = {"suite": "cmr-wikitext", "preset": preset, "results": [], "check": check, **provenance(c)}
+        write_json(out_dir / "cmr_wikitext.json", payload)
+        return payload
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=30522, n_positions=c["segment"], n_embd=c["n_embd"],
-                                      n_layer=c["n_layer"], n_head=c["n_head"], bos_token_id=0, eos_token_id=0))
+    gpt2 = _gpt2(c)
     start = time.perf_counter()
     base_hist = train_lm(HFAdapter(gpt2), train, batch_size=16, seq_len=c["segment"], learning_rate=3e-3,
                          max_steps=c["base_steps"], progress=progress)  # by steps: the same base on any machine
@@ -107,15 +134,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     for values in c["values"]:
         kv, output = values == "kv", values.startswith("output")
         budget = int(values.split("-")[1]) if "-" in values else 32
-        model = CMRModel(gpt2, {"retrieval_strategy": c["output_strategy"] if output else c["strategy"],
-                                "retrieval_budget": budget,
-                                "memory_values": None if kv or output else values,
-                                "reconstruction_method": "kv_attention" if kv else "cross_attention",
-                                "memory_fusion": "output" if output else "reweave",
-                                # the output read is a cache: it stores every position (relevance in
-                                # (0, 1)) and reads its top entries by cosine with no floor
-                                **({"relevance_threshold": 0.0} if output else {}),
-                                "similarity_threshold": -1.0 if output else 0.0, "max_entries_per_layer": 4000})
+        model = CMRModel(gpt2, _config(c, values))
         if not rows:
             rows = [{"model": "base (no memory)",
                      "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], False)},
@@ -147,7 +166,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         model.remove_hooks()
     payload = {"suite": "cmr-wikitext", "preset": preset, "results": rows, "base_train_steps": base_hist["steps"],
                "base_train_s": base_s, "cmr_train_s": cmr_s, "cmr_losses": losses, "gates": gates,
-               "memory_info": memory_info, "valid_tokens": len(valid), **provenance(c)}
+               "memory_info": memory_info, "valid_tokens": len(valid), "check": check, **provenance(c)}
     write_json(out_dir / "cmr_wikitext.json", payload)
     (out_dir / "cmr_wikitext.md").write_text(markdown_table(rows, ["model", "valid_ppl", "vs_base"]))
     _plot(rows, out_dir / "cmr_wikitext.png")
