@@ -115,7 +115,6 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     c = PRESETS[preset]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, valid = load_split("train"), load_split("valid")[: c["valid_tokens"]]
     # checks first, on fresh models of every configuration, before anything trains
     check = verify_cmr({values: lambda values=values: CMRModel(_gpt2(c), _config(c, values)) for values in c["values"]},
                        vocab=30522, segment=c["segment"])
@@ -123,6 +122,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         payload = {"suite": "cmr-wikitext", "preset": preset, "results": [], "check": check, **provenance(c)}
         write_json(out_dir / "cmr_wikitext.json", payload)
         return payload
+    train, valid = load_split("train"), load_split("valid")[: c["valid_tokens"]]
     torch.manual_seed(0)
     gpt2 = _gpt2(c)
     start = time.perf_counter()
