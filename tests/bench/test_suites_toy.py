@@ -24,6 +24,8 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
         names = [r["model"] for r in payload["results"]]
         for off in ("s3cmn (memory off)", "text_native_ssmn (fast weights off)"):
             assert names.count(off) == len(names) // 6 and names[names.index(off) - 1] == off.split(" (")[0]
+    if suite == "cmr-recall":  # checked first: causal with memory read, the memory path a switch
+        assert payload["check"]["passed"] and len(payload["check"]["checks"]) == 2
     if suite == "cmr-recall":  # each multi-criteria row is answered again with one criterion off
         rows = payload["results"]  # and with its recency counted from the write
         for i, row in enumerate(rows):
@@ -218,4 +220,37 @@ def test_ssmn_suite_fails_when_a_fast_form_is_wrong(tmp_path, monkeypatch, capsy
     payload = json.loads((tmp_path / "ssmn.json").read_text())
     assert payload["check"]["passed"] is False and payload["results"] == []
     assert payload["check"]["failures"][0].startswith("window_attention: fast and naive forms differ")
+    assert "check failed" in capsys.readouterr().err
+
+
+def _leaky_gpt2(make):
+    """A GPT-2 whose logits at position t read token t + 1."""
+    def build(c):
+        model = make(c)
+        forward = model.forward
+        model.forward = lambda input_ids=None, **kw: forward(input_ids=input_ids.roll(-1, dims=1), **kw)
+        return model
+    return build
+
+
+@pytest.mark.parametrize("suite", ["cmr-recall", "cmr-wikitext"])
+@pytest.mark.parametrize("broken", ["future leak", "memory path cut"])
+def test_cmr_suites_fail_when_a_model_is_broken(suite, broken, tmp_path, monkeypatch, capsys):
+    """Checked before anything trains (and before cmr-wikitext reads its data): a base that sees the
+    next token, or a CMR that never stores a memory, fails the check and the suite exits 1."""
+    import importlib
+
+    from mnnn.models.cmr import CMRModel
+
+    module = importlib.import_module(f"mnnn.bench.{suite.replace('-', '_')}")
+    if broken == "future leak":
+        monkeypatch.setattr(module, "_gpt2", _leaky_gpt2(module._gpt2))
+    else:
+        monkeypatch.setattr(CMRModel, "_store", lambda self, *args: None)
+    monkeypatch.delenv("MNNN_DATA_DIR", raising=False)  # the check comes before any data is read
+    assert main(["bench", suite, "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / f"{suite.replace('-', '_')}.json").read_text())
+    assert payload["check"]["passed"] is False and payload["results"] == []
+    expected = "future leak" if broken == "future leak" else "memory path changes nothing"
+    assert payload["check"]["failures"] and all(expected in f for f in payload["check"]["failures"])
     assert "check failed" in capsys.readouterr().err
