@@ -296,8 +296,12 @@ def test_pmrc_freeze_methods(rows):
 
 def test_progress_attributes(rows):
     X_train, y_train, _ = rows
-    model = mnnn.PMRC(input_size=10, hidden_size=8, output_size=5).fit(X_train, y_train, epochs=2)
-    assert model.training_steps > 0 and np.isfinite(model.last_loss) and model.avg_memory_magnitude >= 0
+    model = mnnn.PMRC(input_size=10, hidden_size=8, output_size=5)
+    assert model.avg_memory_magnitude == 0.0  # not fitted: no memory yet
+    model.fit(X_train, y_train, epochs=2)
+    assert model.training_steps > 0 and np.isfinite(model.last_loss) and model.avg_memory_magnitude > 0.01
+    model.reset_memory()
+    assert model.avg_memory_magnitude == 0.0
     assert (model.use_recurrent, model.use_learnable_gates, model.use_output_memory) == (True, False, False)
 
 
