@@ -24,10 +24,10 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
         names = [r["model"] for r in payload["results"]]
         for off in ("s3cmn (memory off)", "text_native_ssmn (fast weights off)"):
             assert names.count(off) == len(names) // 6 and names[names.index(off) - 1] == off.split(" (")[0]
-    if suite == "cmr-recall":  # checked first: causal with memory read, the memory path a switch
+    if suite == "cmr-recall":  # checked first: causal with memory read, the memory path a switch;
         assert payload["check"]["passed"] and len(payload["check"]["checks"]) == 2
-    if suite == "cmr-recall":  # each multi-criteria row is answered again with one criterion off
-        rows = payload["results"]  # and with its recency counted from the write
+        # each multi-criteria row is answered again with one criterion off and with its recency
+        rows = payload["results"]  # counted from the write
         for i, row in enumerate(rows):
             if row.get("strategy") == "multi_criteria" and row.get("mode") == "token":
                 switched = rows[i + 1: i + 6]

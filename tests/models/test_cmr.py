@@ -6,6 +6,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from mnnn.bench.cmr_checks import open_reads  # noqa: E402  (a non-zero output projection, open gates)
 from mnnn.memory.layered import LayeredMemoryBuffer  # noqa: E402
 from mnnn.memory.retrieval import ContextualScorer, Retriever  # noqa: E402
 from mnnn.models.cmr import CMRConfig, CMRModel, FullCMRModel, IntegratedCMRModel, find_blocks, train_cmr  # noqa: E402
@@ -32,15 +33,6 @@ def _segments(seed=0):
     return torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
 
 
-def _open_gates(model, value=2.0):
-    """What training does: a non-zero output projection (zero at init) and an open gate."""
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for r in model.reweavers.values():
-            r.gate.fill_(value)
-            r.attn.out_proj.weight.copy_(torch.randn(r.attn.out_proj.weight.shape, generator=g) * 0.2)
-
-
 @pytest.mark.parametrize("mode", ["token", "segment"])
 @pytest.mark.parametrize("base", sorted(BASES))
 def test_untrained_cmr_equals_base(base, mode):
@@ -63,7 +55,7 @@ def test_untrained_cmr_equals_base(base, mode):
 def test_causal_with_memory(base, j, mode):
     model = CMRModel(BASES[base](), {"relevance_threshold": 0.0, "similarity_threshold": -1.0,
                                      "retrieval_mode": mode})
-    _open_gates(model)
+    open_reads(model)
     s1, s2 = _segments()
     with torch.no_grad():
         model.reset_memory()
@@ -127,7 +119,7 @@ def test_token_retrieval_isolates_streams_and_ignores_batch_size(strategy, kv):
     if kv:
         _open_kv(model)
     else:
-        _open_gates(model)
+        open_reads(model)
     segs, full = _assert_streams_isolated(model)
     assert (full - model.base(input_ids=segs[-1]).logits).abs().max() > 1e-4  # the memory is read
     assert model.retrieval_stats()["retrieved_per_position"] == 6
@@ -138,7 +130,7 @@ def test_batch_optimisation_off_gives_the_same_outputs():
     for batched in (True, False):
         model = CMRModel(tiny_gpt2(), {"retrieval_strategy": "multi_criteria", "relevance_threshold": 0.0,
                                        "retrieval_budget": 4, "enable_batch_optimization": batched})
-        _open_gates(model)
+        open_reads(model)
         outs.append(_stream_outputs(model, list(_segments())))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
 
@@ -148,7 +140,7 @@ def test_hierarchical_after_clear_and_evict_equals_a_fresh_retriever():
     cfg = {"retrieval_strategy": "hierarchical", "similarity_threshold": -1.0, "relevance_threshold": 0.0,
            "retrieval_budget": 4, "max_clusters": 3, "max_entries_per_layer": 24}
     used = CMRModel(tiny_gpt2(), cfg)
-    _open_gates(used)
+    open_reads(used)
     g = torch.Generator().manual_seed(1)
     old = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(3)]
     new = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(3)]
@@ -514,7 +506,7 @@ def test_the_per_segment_multi_criteria_rule_is_the_greedy_loop_over_every_entry
 
 def test_generate_reads_memory_per_token_and_the_switch_gives_the_base():
     model = CMRModel(tiny_gpt2(), {"relevance_threshold": 0.0, "similarity_threshold": -1.0})
-    _open_gates(model)
+    open_reads(model)
     s1, s2 = _segments()
     with torch.no_grad():
         model(s1)
@@ -750,7 +742,7 @@ def test_output_read_copies_a_repeated_segment():
 def test_output_read_is_causal(fusion, j):
     model = CMRModel(tiny_gpt2(), {**OUT, "memory_fusion": fusion})
     if fusion == "both":
-        _open_gates(model)
+        open_reads(model)
     s1, s2 = _segments()
     with torch.no_grad():
         model(s1)

@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from mnnn.bench.cmr_checks import open_reads  # noqa: E402
 from mnnn.lm import build_model, generate, load_checkpoint_model, load_config  # noqa: E402
 from mnnn.models.cmr_lm import CMRLanguageModel, GPT2LM  # noqa: E402
 from mnnn.training.checkpoint import load_checkpoint  # noqa: E402
@@ -37,11 +38,7 @@ def _cmr(base_ckpt, **memory):
 
 
 def _open_gates(model: CMRLanguageModel) -> None:
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for r in model.cmr.reweavers.values():
-            r.gate.fill_(2.0)
-            r.attn.out_proj.weight.copy_(torch.randn(r.attn.out_proj.weight.shape, generator=g) * 0.2)
+    open_reads(model.cmr)
 
 
 def _stream(model, segments):
