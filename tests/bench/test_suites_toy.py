@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 
 from mnnn.cli import main
@@ -37,6 +39,8 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
                 for r in switched[:4]:
                     assert r["criteria_weights"][r["switched_off"]] == 0.0
                     assert abs(sum(r["criteria_weights"].values()) - 1) < 1e-9
+    if suite == "series":  # checked first: the windows, a ridge that learns the sine, causal estimators
+        assert payload["check"]["passed"] and len(payload["check"]["checks"]) == 3
     if suite == "mqar":  # the toy preset sweeps two learning rates and keeps each model's best
         assert payload["check"]["passed"] and payload["sanity"]["accuracy"] >= 0.9
         for row in payload["results"]:
@@ -254,3 +258,37 @@ def test_cmr_suites_fail_when_a_model_is_broken(suite, broken, tmp_path, monkeyp
     expected = "future leak" if broken == "future leak" else "memory path changes nothing"
     assert payload["check"]["failures"] and all(expected in f for f in payload["check"]["failures"])
     assert "check failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken", ["targets", "estimator"])
+def test_series_fails_when_its_data_or_an_estimator_is_broken(broken, tmp_path, monkeypatch):
+    """Targets two steps ahead (not the next value), or an estimator that reads its rows backwards
+    (a future leak): the check fails before anything trains and the suite exits 1."""
+    from mnnn.bench import series
+
+    if broken == "targets":
+        real = series.noisy_sine
+
+        def shifted(**kw):
+            Xtr, ytr, Xte, yte = real(**kw)
+            y = np.concatenate([ytr, yte])
+            y = np.concatenate([y[1:], y[-1:]])
+            return Xtr, y[: len(ytr)], Xte, y[len(ytr):]
+
+        monkeypatch.setattr(series, "noisy_sine", shifted)
+    else:
+        Real = series.MODELS["lstm"]
+
+        class Backwards(Real):
+            def predict(self, X, reset_memory=False):
+                return super().predict(np.asarray(X)[::-1].copy(), reset_memory)[::-1].copy()
+
+        monkeypatch.setitem(series.MODELS, "lstm", Backwards)
+    assert main(["bench", "series", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "series.json").read_text())
+    assert payload["check"]["passed"] is False and payload["results"] == []
+    failures = payload["check"]["failures"]
+    if broken == "targets":
+        assert failures[0].startswith("sine: the windows are not consecutive")
+    else:
+        assert [f.split(":")[0] for f in failures] == ["lstm", "lstm"] and "future leak" in failures[1]
