@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mnnn.bench.common import markdown_table, provenance, write_json
-from mnnn.bench.series import r2, ridge_predict
+from mnnn.bench.regression import r2, ridge_predict
 from mnnn.data.synthetic import noisy_sine
 from mnnn.estimators import AMN, AMRC, PMRC
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mnnn.bench.common import markdown_table, provenance, write_json
+from mnnn.bench.regression import r2, ridge_predict
 from mnnn.data.synthetic import noisy_sine
 from mnnn.estimators import MODELS
 
@@ -49,28 +50,6 @@ def goog_series(window: int = 10, train_frac: float = 0.8):
     y = s[window:]
     n_train = cut - window
     return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
-
-
-def r2(y, p) -> float:
-    y, p = np.asarray(y, np.float64).ravel(), np.asarray(p, np.float64).ravel()
-    return float(1 - ((y - p) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-
-
-def ridge_predict(Xtr, ytr, Xte) -> tuple[np.ndarray, float]:
-    """Ridge on the lags with an intercept; alpha picked on a time-ordered holdout."""
-    def fit(X, y, alpha):
-        A = np.c_[X, np.ones(len(X))].astype(np.float64)
-        reg = alpha * np.eye(A.shape[1])
-        reg[-1, -1] = 0.0
-        return np.linalg.solve(A.T @ A + reg, A.T @ y)
-
-    def pred(w, X):
-        return np.c_[X, np.ones(len(X))] @ w
-
-    cut = int(0.8 * len(Xtr))
-    alphas = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
-    best = max(alphas, key=lambda a: r2(ytr[cut:], pred(fit(Xtr[:cut], ytr[:cut], a), Xtr[cut:])))
-    return pred(fit(Xtr, ytr, best), Xte), best
 
 
 def verify(datasets: dict[str, tuple], models: list[str], seed: int = 0) -> dict[str, Any]:

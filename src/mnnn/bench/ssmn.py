@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mnnn.bench.common import markdown_table, median_time, provenance, write_json
-from mnnn.bench.series import r2
+from mnnn.bench.regression import r2
 from mnnn.data.synthetic import delayed_recall, noisy_sine
 from mnnn.estimators import SparseStreamMemoryNetwork
 from mnnn.state import step_through
