@@ -37,6 +37,10 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
                 for r in switched[:4]:
                     assert r["criteria_weights"][r["switched_off"]] == 0.0
                     assert abs(sum(r["criteria_weights"].values()) - 1) < 1e-9
+    if suite == "streaming":  # checked first past the output cache's capacity, the memory switched off once
+        check = payload["check"]
+        assert check["passed"] and check["tokens"] > payload["results"][0]["context"]
+        assert check["memory_effect"]["s3cmn"] > 0 and check["memory_effect"]["text_native_ssmn"] > 0
     if suite == "mqar":  # the toy preset sweeps two learning rates and keeps each model's best
         assert payload["check"]["passed"] and payload["sanity"]["accuracy"] >= 0.9
         for row in payload["results"]:
@@ -253,4 +257,50 @@ def test_cmr_suites_fail_when_a_model_is_broken(suite, broken, tmp_path, monkeyp
     assert payload["check"]["passed"] is False and payload["results"] == []
     expected = "future leak" if broken == "future leak" else "memory path changes nothing"
     assert payload["check"]["failures"] and all(expected in f for f in payload["check"]["failures"])
+    assert "check failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken", ["future leak", "memory off", "frozen fast weights"])
+def test_streaming_fails_when_a_model_is_broken(broken, tmp_path, monkeypatch, capsys):
+    """A model whose parallel forward sees the next token (the step path cannot), an S3CMN built
+    without its memory, or an SSMN that never writes its fast weights: the check fails before
+    anything is timed, the JSON holds no rows and the suite exits 1."""
+    import torch
+
+    from mnnn.bench import streaming
+    from mnnn.models.lm_baselines import LSTMLM
+    from mnnn.models.s3cmn import S3CMN
+
+    real = streaming.build
+
+    class Leaky(LSTMLM):
+        def forward(self, tokens, state=None):
+            logits, state = super().forward(tokens, state)
+            nxt = torch.nn.functional.one_hot(tokens[:, 1:], logits.shape[-1]).to(logits.dtype)
+            return torch.cat([logits[:, :-1] + nxt, logits[:, -1:]], 1), state
+
+    def build(c):
+        models = real(c)
+        if broken == "future leak":
+            old = models["lstm"]
+            models["lstm"] = Leaky(c["vocab"], embed_dim=c["d"], hidden_dim=c["d"], num_layers=c["layers"])
+            models["lstm"].load_state_dict(old.state_dict())
+        elif broken == "memory off":
+            models["s3cmn"] = S3CMN(vocab_size=c["vocab"], embedding_dim=c["d"], hidden_dim=c["d"],
+                                    num_layers=c["layers"], memory_size=1024, d_state=16, max_len=c["chunk"],
+                                    use_memory=False)
+        else:
+            for layer in models["text_native_ssmn"].core.synaptic_layers():
+                layer.eta = 0.0  # the rule's switch: every write stops
+        return models
+
+    monkeypatch.setattr(streaming, "build", build)
+    assert main(["bench", "streaming", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "streaming.json").read_text())
+    assert payload["check"]["passed"] is False and payload["results"] == []
+    failures = payload["check"]["failures"]
+    expected = {"future leak": ["lstm: step path differs", "lstm: the forward in chunks differs"],
+                "memory off": ["s3cmn: switching its memory off moved no logit"],
+                "frozen fast weights": ["text_native_ssmn: switching its fast weights off moved no logit"]}[broken]
+    assert [f[: len(e)] for f, e in zip(failures, expected)] == expected and len(failures) == len(expected)
     assert "check failed" in capsys.readouterr().err
