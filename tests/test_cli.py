@@ -27,7 +27,7 @@ def test_bench_estimators_toy(tmp_path):
     payload = json.loads((tmp_path / "estimators.json").read_text())
     assert payload["suite"] == "estimators" and "git_revision" in payload and payload["config"]
     assert {r["model"] for r in payload["results"]} == {"amrc", "pmrc", "amn", "lstm", "gru"}
-    assert max(payload["verify_max_abs_err"].values()) < 1e-4
+    assert payload["check"]["passed"] and max(payload["check"]["max_abs_err"].values()) < 1e-4
     assert (tmp_path / "estimators.png").stat().st_size > 0
     assert (tmp_path / "estimators.md").read_text().startswith("| model")
 
@@ -54,7 +54,7 @@ def test_bench_memory_toy(tmp_path):
     payload = json.loads((tmp_path / "memory.json").read_text())
     kinds = {r["kind"] for r in payload["results"]}
     assert kinds == {"get_memory", "lif_fwd_bwd"}
-    assert payload["results"][0]["topk_agreement_bruteforce"] >= 0.99
+    assert payload["check"]["passed"] and payload["results"][0]["topk_agreement_bruteforce"] >= 0.99
     assert (tmp_path / "memory.png").stat().st_size > 0
 
 

@@ -41,6 +41,15 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
                     assert abs(sum(r["criteria_weights"].values()) - 1) < 1e-9
     if suite == "series":  # checked first: the windows, a ridge that learns the sine, causal estimators
         assert payload["check"]["passed"] and len(payload["check"]["checks"]) == 3
+    if suite == "kernels":  # every op's errors measured before any timing; the rows carry them
+        errs = payload["check"]["max_rel_err"]
+        assert payload["check"]["passed"] and len(errs) == len(payload["results"])
+        assert all(errs[f"{r['op']} T={r['T']}"] == [r["max_rel_err_out"], r["max_rel_err_grad"]]
+                   for r in payload["results"])
+    if suite == "streaming":  # checked first past the output cache's capacity, the memory switched off once
+        check = payload["check"]
+        assert check["passed"] and check["tokens"] > payload["results"][0]["context"]
+        assert check["memory_effect"]["s3cmn"] > 0 and check["memory_effect"]["text_native_ssmn"] > 0
     if suite == "mqar":  # the toy preset sweeps two learning rates and keeps each model's best
         assert payload["check"]["passed"] and payload["sanity"]["accuracy"] >= 0.9
         for row in payload["results"]:
@@ -292,3 +301,104 @@ def test_series_fails_when_its_data_or_an_estimator_is_broken(broken, tmp_path, 
         assert failures[0].startswith("sine: the windows are not consecutive")
     else:
         assert [f.split(":")[0] for f in failures] == ["lstm", "lstm"] and "future leak" in failures[1]
+
+
+@pytest.mark.parametrize("broken", ["future leak", "memory off", "frozen fast weights"])
+def test_streaming_fails_when_a_model_is_broken(broken, tmp_path, monkeypatch, capsys):
+    """A model whose parallel forward sees the next token (the step path cannot), an S3CMN built
+    without its memory, or an SSMN that never writes its fast weights: the check fails before
+    anything is timed, the JSON holds no rows and the suite exits 1."""
+    import torch
+
+    from mnnn.bench import streaming
+    from mnnn.models.lm_baselines import LSTMLM
+    from mnnn.models.s3cmn import S3CMN
+
+    real = streaming.build
+
+    class Leaky(LSTMLM):
+        def forward(self, tokens, state=None):
+            logits, state = super().forward(tokens, state)
+            nxt = torch.nn.functional.one_hot(tokens[:, 1:], logits.shape[-1]).to(logits.dtype)
+            return torch.cat([logits[:, :-1] + nxt, logits[:, -1:]], 1), state
+
+    def build(c):
+        models = real(c)
+        if broken == "future leak":
+            old = models["lstm"]
+            models["lstm"] = Leaky(c["vocab"], embed_dim=c["d"], hidden_dim=c["d"], num_layers=c["layers"])
+            models["lstm"].load_state_dict(old.state_dict())
+        elif broken == "memory off":
+            models["s3cmn"] = S3CMN(vocab_size=c["vocab"], embedding_dim=c["d"], hidden_dim=c["d"],
+                                    num_layers=c["layers"], memory_size=1024, d_state=16, max_len=c["chunk"],
+                                    use_memory=False)
+        else:
+            for layer in models["text_native_ssmn"].core.synaptic_layers():
+                layer.eta = 0.0  # the rule's switch: every write stops
+        return models
+
+    monkeypatch.setattr(streaming, "build", build)
+    assert main(["bench", "streaming", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "streaming.json").read_text())
+    assert payload["check"]["passed"] is False and payload["results"] == []
+    failures = payload["check"]["failures"]
+    expected = {"future leak": ["lstm: step path differs", "lstm: the forward in chunks differs"],
+                "memory off": ["s3cmn: switching its memory off moved no logit"],
+                "frozen fast weights": ["text_native_ssmn: switching its fast weights off moved no logit"]}[broken]
+    assert [f[: len(e)] for f, e in zip(failures, expected)] == expected and len(failures) == len(expected)
+    assert "check failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite", ["kernels", "estimators", "memory"])
+def test_check_failure_is_written_not_raised(suite, tmp_path, monkeypatch, capsys):
+    """A fast op that drifts from its naive loop (kernels), a network whose step path is not its
+    forward (estimators), a memory search that returns other entries than brute force (memory):
+    the check fails before anything is timed, the failure is in the JSON with no rows, exit 1."""
+    if suite == "kernels":
+        from mnnn.bench import kernels
+
+        real = kernels.cases
+
+        def cases(*args):
+            out = real(*args)
+            fast, naive, inputs = out["linear_scan"]
+            out["linear_scan"] = (lambda a, b: fast(a, b) * 1.01, naive, inputs)
+            return out
+
+        monkeypatch.setattr(kernels, "cases", cases)
+        expected = "linear_scan T=32: fast form differs from the naive loop"
+    elif suite == "estimators":
+        from mnnn.bench import estimators
+
+        Real = estimators.MODELS["gru"]
+
+        class Drifting(Real):
+            def _build(self, n_in, n_out):
+                net = super()._build(n_in, n_out)
+                forward = net.forward
+
+                def drifting(x, state=None, **kw):  # the whole-sequence path only: steps have T = 1
+                    y, state = forward(x, state, **kw)
+                    return (y + 0.01 if x.shape[1] > 1 else y), state
+
+                net.forward = drifting
+                return net
+
+        monkeypatch.setitem(estimators.MODELS, "gru", Drifting)
+        expected = "gru: step and forward disagree by 1.00e-02"
+    else:
+        from mnnn.memory import Memory
+
+        real = Memory.search
+
+        def search(self, *args, **kw):  # the right entries in the wrong order
+            found = real(self, *args, **kw)
+            return found._replace(indices=found.indices.flip(-1))
+
+        monkeypatch.setattr(Memory, "search", search)
+        expected = "Memory top-k disagrees with brute force at n=1000"
+    assert main(["bench", suite, "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / f"{suite}.json").read_text())
+    assert payload["check"]["passed"] is False and payload["results"] == []
+    assert [f[: len(expected)] for f in payload["check"]["failures"]] == [expected]
+    assert "check failed" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 
 Sizes: the seed README's (input 10, hidden 20 for AMRC/PMRC and 32 for AMN, output 5,
 100 random rows x 50 epochs) and a large one (hidden 256, 10,000 rows). R^2 on the noisy sine
-task (1000 train / 200 test rows, 100 epochs, defaults). Before timing, each network is checked
-for whole == step equality.
+task (1000 train / 200 test rows, 100 epochs, defaults). Before anything is timed, each network
+is checked for whole == step equality (:func:`verify`); a failure is recorded in the JSON with no
+rows and the suite exits 1.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ def _readme_hidden(name: str) -> int:
     return 32 if name == "amn" else 20
 
 
-def verify(names: list[str]) -> dict[str, float]:
-    """Max |whole - step| of each network on random input (must be ~1e-6)."""
-    errs = {}
+def verify(names: list[str]) -> dict[str, Any]:
+    """The suite's check, before anything is fitted or timed: each network's step path gives its
+    whole-sequence forward on random input (max abs error <= 1e-4)."""
+    errs, failures = {}, []
     for name in names:
         torch.manual_seed(0)
         net = MODELS[name](hidden_size=8)._build(4, 2).eval()
@@ -47,8 +49,8 @@ def verify(names: list[str]) -> dict[str, float]:
             steps, _ = step_through(net, x)
         errs[name] = float((steps - y).abs().max())
         if errs[name] > 1e-4:
-            raise AssertionError(f"{name}: step and forward disagree by {errs[name]:.2e}")
-    return errs
+            failures.append(f"{name}: step and forward disagree by {errs[name]:.2e}")
+    return {"passed": not failures, "failures": failures, "max_abs_err": errs}
 
 
 def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> dict[str, Any]:
@@ -56,7 +58,11 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    errors = verify(NAMES)
+    check = verify(NAMES)
+    base = {"suite": "estimators", "preset": preset, "check": check, **provenance(cfg)}
+    if not check["passed"]:
+        write_json(out_dir / "estimators.json", {**base, "results": []})
+        return {**base, "results": []}
     rng = np.random.default_rng(0)
     steps = [(n, part) for part in ("readme", "large", "sine") for n in NAMES]
     bar = None
@@ -92,8 +98,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
             bar.update(1)
     if bar is not None:
         bar.close()
-    payload = {"suite": "estimators", "preset": preset, "verify_max_abs_err": errors, "results": rows,
-               **provenance(cfg)}
+    payload = {**base, "results": rows, **provenance(cfg)}  # sources again: what the fits imported
     write_json(out_dir / "estimators.json", payload)
     table = markdown_table(rows, ["model", "setting", "hidden", "rows", "epochs", "fit_s", "r2"])
     (out_dir / "estimators.md").write_text(table)

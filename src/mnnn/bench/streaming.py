@@ -1,8 +1,11 @@
 """``mnnn bench streaming``: per-token latency and state memory of every language model's step
 path against context length, with the Transformer decoding from a KV cache as the baseline.
 
-Verification first: for every model, stepping token by token over a short prompt gives the
-logits of the parallel forward (max abs error reported). Then, for each context length L:
+A check that can fail first (:func:`verify`; on failure the JSON holds it and no rows, and the
+runner exits 1): over more tokens than S3CMN's output cache holds and the SSMN's window, every
+model's step path gives the parallel forward's logits, the recurrent models' chunked forward gives
+them too, and switching S3CMN's and the SSMN's memory off moves their logits. Then, for each
+context length L:
 
 * recurrent models (S3CMN, Text-Native SSMN, LSTM) read L tokens through their parallel forward
   in chunks of ``chunk`` with the state carried (chunks == whole is tested), then ``steps``
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 
 from mnnn.bench.common import markdown_table, provenance, write_json
+from mnnn.bench.switches import memory_off
 from mnnn.models.lm_baselines import LSTMLM, TransformerLM
 from mnnn.models.s3cmn import S3CMN
 from mnnn.models.ssmn import TextNativeSSMN
@@ -61,17 +65,64 @@ def _bytes(state) -> int:
     return sum(t.numel() * t.element_size() for t in state.tensors().values())
 
 
+def verify_length(models, c: dict[str, Any]) -> int:
+    """Tokens the check runs: past S3CMN's memory capacity (its output cache evicts: a stream holds
+    ``memory_size`` entries) and second membrane store, and past the SSMN's window (so it slides),
+    plus a few."""
+    cfg = models["s3cmn"].config if "s3cmn" in models else None
+    return max(cfg.memory_size + 1 if cfg else 0, 2 * cfg.memory_interval if cfg else 0, c["window"]) + 9
+
+
 @torch.no_grad()
-def verify(models, vocab: int, T: int = 24) -> dict[str, float]:
-    x = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
-    errs = {}
+def verify(models, c: dict[str, Any]) -> dict[str, Any]:
+    """The suite's check, before anything is timed; ``passed`` is False with the failures named.
+
+    For every model, over ``verify_length`` tokens: stepping token by token gives the logits of
+    the parallel forward; for the recurrent models (whose context the suite reads in chunks) the
+    forward in three uneven chunks with the state carried gives them too. The memory paths are
+    exercised, not just present: S3CMN's and the SSMN's logits must move when their memory is
+    switched off on the same model (:func:`mnnn.bench.switches.memory_off`: S3CMN's episodic
+    reads, the SSMN's fast-weight writes); S3CMN's must not at the first position, which has
+    nothing stored to read (the SSMN writes token 0 before reading, so its first position moves)."""
+    T = verify_length(models, c)
+    x = torch.randint(0, c["vocab"], (2, T), generator=torch.Generator().manual_seed(0))
+    cuts = [0, T // 3 + 1, 2 * T // 3 + 3, T]
+    failures: list[str] = []
+    errs: dict[str, float] = {}
+    memory_effect: dict[str, float] = {}
     for name, model in models.items():
-        full, _ = model(x)
-        steps, _ = step_through(model, x, _init(model, 2))
+        xs = x[:, :model.max_len] if name == "transformer_kv" else x  # (the toy Transformer is short)
+        full, state = model(xs)
+        steps, _ = step_through(model, xs, _init(model, 2))
         errs[name] = float((steps - full).abs().max())
         if errs[name] > 1e-3:
-            raise AssertionError(f"{name}: step path differs from forward by {errs[name]:.2e}")
-    return errs
+            failures.append(f"{name}: step path differs from the parallel forward by {errs[name]:.2e}")
+        if name == "transformer_kv":
+            continue
+        chunked, carried = [], model.init_state(2)
+        for a, b in zip(cuts, cuts[1:]):
+            out, carried = model(x[:, a:b], carried)
+            chunked.append(out)
+        err = float((torch.cat(chunked, 1) - full).abs().max())
+        errs[f"{name}_chunks"] = err
+        if err > 1e-3:
+            failures.append(f"{name}: the forward in chunks differs from the whole by {err:.2e}")
+        with memory_off(model) as switched:
+            if switched is None:
+                continue
+            off, _ = model(x)
+        if hasattr(model, "reset_stats"):  # S3CMN counts its reads; the check's are not the suite's
+            model.reset_stats()
+        first, rest = float((full - off)[:, 0].abs().max()), float((full - off)[:, 1:].abs().max())
+        memory_effect[name] = rest
+        if switched == "memory" and first > 0.0:  # (the SSMN writes x_0 before it reads: its first position moves)
+            failures.append(f"{name}: its memory moved the first position's logits (by {first:.2e}), where "
+                            f"nothing has been stored to read")
+        if rest < 1e-6:
+            failures.append(f"{name}: switching its {switched} off moved no logit (the memory path was not "
+                            f"exercised)")
+    return {"passed": not failures, "failures": failures, "tokens": T, "max_abs_err": errs,
+            "memory_effect": memory_effect}
 
 
 @torch.no_grad()
@@ -99,7 +150,11 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     device = "cuda" if preset == "gpu" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     models = {k: m.eval() for k, m in build(c).items()}
-    errors = verify(models, c["vocab"])
+    check = verify(models, c)
+    base = {"suite": "streaming", "preset": preset, "device": device, "check": check, **provenance(c)}
+    if not check["passed"]:
+        write_json(out_dir / "streaming.json", {**base, "results": []})
+        return {**base, "results": []}
     models = {k: m.to(device) for k, m in models.items()}
     rows = []
     with tqdm(total=len(models) * len(c["contexts"]), desc="streaming", disable=not progress) as bar:
@@ -125,8 +180,8 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                     row["peak_MB"] = torch.cuda.max_memory_allocated() / 2**20
                 rows.append(row)
                 bar.update(1)
-    payload = {"suite": "streaming", "preset": preset, "device": device, "verify_max_abs_err": errors,
-               "results": rows, **provenance(c)}
+    # provenance again at the end: ``sources`` then lists the modules the runs imported as well
+    payload = {**base, "results": rows, **provenance(c)}
     write_json(out_dir / "streaming.json", payload)
     (out_dir / "streaming.md").write_text(markdown_table(rows, ["model", "context", "ms_per_token", "state_MB"]))
     _plot(rows, out_dir / "streaming.png")
