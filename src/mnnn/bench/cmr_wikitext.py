@@ -132,9 +132,10 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
     gpt2.eval()
     rows, cmr_s, losses, gates, memory_info = [], {}, {}, {}, {}
     for values in c["values"]:
-        kv, output = values == "kv", values.startswith("output")
-        budget = int(values.split("-")[1]) if "-" in values else 32
         model = CMRModel(gpt2, _config(c, values))
+        cfg = model.config
+        kv, output, budget = (cfg.reconstruction_method == "kv_attention", cfg.memory_fusion == "output",
+                              cfg.retrieval_budget)
         if not rows:
             rows = [{"model": "base (no memory)",
                      "valid_ppl": segment_ppl(model, valid, c["streams"], c["segment"], False)},
