@@ -11,6 +11,20 @@ from mnnn.cli import main
 SUITES = ["cmr-recall", "mqar", "copy", "selective-copy", "series", "streaming", "kernels"]
 
 
+def _failed_check(suite, tmp_path, capsys=None, rows="results"):
+    """Run ``suite`` at toy size expecting its check to fail: exit 1, ``check.passed`` false in its
+    JSON with the ``rows`` key empty (None: not looked at) and, given ``capsys``, "check failed" on
+    stderr. Returns the JSON."""
+    assert main(["bench", suite, "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / f"{suite.replace('-', '_')}.json").read_text())
+    assert payload["check"]["passed"] is False
+    if rows is not None:
+        assert payload[rows] == []
+    if capsys is not None:
+        assert "check failed" in capsys.readouterr().err
+    return payload
+
+
 @pytest.mark.parametrize("suite", SUITES)
 def test_suite_toy_writes_json_table_plot(suite, tmp_path):
     assert main(["bench", suite, "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
@@ -86,11 +100,9 @@ def test_serve_suite_fails_when_its_check_fails(tmp_path, monkeypatch, capsys):
     import prometheus_client
 
     monkeypatch.setattr(prometheus_client, "generate_latest", lambda registry: b"not { metrics")
-    assert main(["bench", "serve", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / "serve.json").read_text())
-    assert payload["check"]["passed"] is False and "metrics" in payload["check"]["failures"][0]
+    payload = _failed_check("serve", tmp_path, capsys, rows=None)
+    assert "metrics" in payload["check"]["failures"][0]
     assert not (tmp_path / "serve.png").exists()
-    assert "check failed" in capsys.readouterr().err
 
 
 def test_mqar_fails_when_its_sanity_check_fails(tmp_path, monkeypatch, capsys):
@@ -98,12 +110,9 @@ def test_mqar_fails_when_its_sanity_check_fails(tmp_path, monkeypatch, capsys):
     from mnnn.bench import mqar
 
     monkeypatch.setitem(mqar.PRESETS["toy"], "sanity", {**mqar.PRESETS["toy"]["sanity"], "lr": 0.0})
-    assert main(["bench", "mqar", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / "mqar.json").read_text())
-    assert payload["check"]["passed"] is False and payload["results"] == []
+    payload = _failed_check("mqar", tmp_path, capsys)
     assert payload["sanity"]["accuracy"] < 0.5 and "sanity" in payload["check"]["failures"][0]
     assert not (tmp_path / "mqar.png").exists()
-    assert "check failed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suite", ["copy", "selective-copy"])
@@ -121,12 +130,9 @@ def test_copy_suites_fail_when_a_model_leaks_the_future(suite, tmp_path, monkeyp
         return model
 
     monkeypatch.setattr(copying.tt, "build", build)
-    assert main(["bench", suite, "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / f"{suite.replace('-', '_')}.json").read_text())
-    assert payload["check"]["passed"] is False and payload["results"] == []
+    payload = _failed_check(suite, tmp_path, capsys)
     assert payload["check"]["failures"][0].startswith("lstm: output before position")
     assert not (tmp_path / f"{suite.replace('-', '_')}.png").exists()
-    assert "check failed" in capsys.readouterr().err
 
 
 def test_copy_fails_when_its_sanity_check_fails(tmp_path, monkeypatch):
@@ -134,9 +140,8 @@ def test_copy_fails_when_its_sanity_check_fails(tmp_path, monkeypatch):
     from mnnn.bench import copying
 
     monkeypatch.setitem(copying.PRESETS["toy"], "sanity", {**copying.PRESETS["toy"]["sanity"], "lr": 0.0})
-    assert main(["bench", "copy", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / "copy.json").read_text())
-    assert payload["check"]["passed"] is False and payload["check"]["sanity"]["accuracy"] < 0.5
+    payload = _failed_check("copy", tmp_path, rows=None)
+    assert payload["check"]["sanity"]["accuracy"] < 0.5
     assert "sanity" in payload["check"]["failures"][0]
 
 
@@ -172,9 +177,8 @@ def test_export_suite_fails_when_the_onnx_graph_is_wrong(tmp_path, monkeypatch, 
         return (logits + 1e-3, *state)
 
     monkeypatch.setattr(step_mod.S3CMNStep, "forward", off_by_1e3)
-    assert main(["bench", "export", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / "export.json").read_text())
-    assert payload["check"]["passed"] is False and "differs" in payload["check"]["failures"][0]
+    payload = _failed_check("export", tmp_path, rows=None)
+    assert "differs" in payload["check"]["failures"][0]
     assert not (tmp_path / "export.png").exists()
 
 
@@ -218,22 +222,16 @@ def test_robustness_suite_fails_when_a_snapshot_does_not_restore(tmp_path, monke
     from mnnn.estimators import AMN
 
     monkeypatch.setattr(AMN, "set_manifold_state", lambda self, manifold: None)
-    assert main(["bench", "robustness", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / "robustness.json").read_text())
-    assert payload["check"]["passed"] is False and payload["runs"] == []
+    payload = _failed_check("robustness", tmp_path, capsys, rows="runs")
     assert any(f.startswith("amn: a restored memory snapshot") for f in payload["check"]["failures"])
-    assert "check failed" in capsys.readouterr().err
 
 
 def test_ssmn_suite_fails_when_a_fast_form_is_wrong(tmp_path, monkeypatch, capsys):
     from mnnn.bench import ssmn
 
     monkeypatch.setattr(ssmn, "window_attention_naive", lambda q, k, v, w: (v * 0.5, None))
-    assert main(["bench", "ssmn", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / "ssmn.json").read_text())
-    assert payload["check"]["passed"] is False and payload["results"] == []
+    payload = _failed_check("ssmn", tmp_path, capsys)
     assert payload["check"]["failures"][0].startswith("window_attention: fast and naive forms differ")
-    assert "check failed" in capsys.readouterr().err
 
 
 def _leaky_gpt2(make):
@@ -261,16 +259,13 @@ def test_cmr_suites_fail_when_a_model_is_broken(suite, broken, tmp_path, monkeyp
     else:
         monkeypatch.setattr(CMRModel, "_store", lambda self, *args: None)
     monkeypatch.delenv("MNNN_DATA_DIR", raising=False)  # the check comes before any data is read
-    assert main(["bench", suite, "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / f"{suite.replace('-', '_')}.json").read_text())
-    assert payload["check"]["passed"] is False and payload["results"] == []
+    payload = _failed_check(suite, tmp_path, capsys)
     expected = "future leak" if broken == "future leak" else "memory path changes nothing"
     assert payload["check"]["failures"] and all(expected in f for f in payload["check"]["failures"])
-    assert "check failed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("broken", ["targets", "estimator"])
-def test_series_fails_when_its_data_or_an_estimator_is_broken(broken, tmp_path, monkeypatch):
+def test_series_fails_when_its_data_or_an_estimator_is_broken(broken, tmp_path, monkeypatch, capsys):
     """Targets two steps ahead (not the next value), or an estimator that reads its rows backwards
     (a future leak): the check fails before anything trains and the suite exits 1."""
     from mnnn.bench import series
@@ -293,10 +288,7 @@ def test_series_fails_when_its_data_or_an_estimator_is_broken(broken, tmp_path, 
                 return super().predict(np.asarray(X)[::-1].copy(), reset_memory)[::-1].copy()
 
         monkeypatch.setitem(series.MODELS, "lstm", Backwards)
-    assert main(["bench", "series", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / "series.json").read_text())
-    assert payload["check"]["passed"] is False and payload["results"] == []
-    failures = payload["check"]["failures"]
+    failures = _failed_check("series", tmp_path, capsys)["check"]["failures"]
     if broken == "targets":
         assert failures[0].startswith("sine: the windows are not consecutive")
     else:
@@ -338,15 +330,11 @@ def test_streaming_fails_when_a_model_is_broken(broken, tmp_path, monkeypatch, c
         return models
 
     monkeypatch.setattr(streaming, "build", build)
-    assert main(["bench", "streaming", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / "streaming.json").read_text())
-    assert payload["check"]["passed"] is False and payload["results"] == []
-    failures = payload["check"]["failures"]
+    failures = _failed_check("streaming", tmp_path, capsys)["check"]["failures"]
     expected = {"future leak": ["lstm: step path differs", "lstm: the forward in chunks differs"],
                 "memory off": ["s3cmn: switching its memory off moved no logit"],
                 "frozen fast weights": ["text_native_ssmn: switching its fast weights off moved no logit"]}[broken]
     assert [f[: len(e)] for f, e in zip(failures, expected)] == expected and len(failures) == len(expected)
-    assert "check failed" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suite", ["kernels", "estimators", "memory"])
@@ -397,8 +385,5 @@ def test_check_failure_is_written_not_raised(suite, tmp_path, monkeypatch, capsy
 
         monkeypatch.setattr(Memory, "search", search)
         expected = "Memory top-k disagrees with brute force at n=1000"
-    assert main(["bench", suite, "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
-    payload = json.loads((tmp_path / f"{suite}.json").read_text())
-    assert payload["check"]["passed"] is False and payload["results"] == []
-    assert [f[: len(expected)] for f in payload["check"]["failures"]] == [expected]
-    assert "check failed" in capsys.readouterr().err
+    failures = _failed_check(suite, tmp_path, capsys)["check"]["failures"]
+    assert [f[: len(expected)] for f in failures] == [expected]
