@@ -174,7 +174,7 @@ def test_bench_datastore_toy(tmp_path):
         pytest.skip("MNNN_DATA_DIR not set")
     assert main(["bench", "datastore", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 0
     payload = json.loads((tmp_path / "datastore.json").read_text())
-    assert payload["check"]["passed"] and len(payload["check"]["checks"]) == 4
+    assert payload["check"]["passed"] and len(payload["check"]["checks"]) == 5
     rows = {r["reading"].split(" (")[0]: r for r in payload["results"]}
     assert set(rows) == {"LM alone", "cache", "datastore", "cache + datastore"}
     assert rows["LM alone"]["vs_memory_off"] == 1.0
@@ -195,6 +195,28 @@ def test_bench_datastore_fails_when_its_check_fails(tmp_path, monkeypatch):
     assert main(["bench", "datastore", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
     payload = json.loads((tmp_path / "datastore.json").read_text())
     assert not payload["check"]["passed"] and "brute-force" in payload["check"]["failures"][0]
+
+
+def test_bench_datastore_fails_when_its_books_disagree(tmp_path, monkeypatch):
+    """The evaluation's perplexity and the datastore's statistics of the same pass must agree; when
+    they do not, the suite records the failure and exits 1 instead of raising."""
+    import os
+
+    import mnnn.training.lm as training
+
+    if not os.environ.get("MNNN_DATA_DIR"):
+        pytest.skip("MNNN_DATA_DIR not set")
+    real = training.evaluate_lm
+
+    def off_by_one_percent(*args, **kwargs):
+        ev = real(*args, **kwargs)
+        return {**ev, "ppl": ev["ppl"] * 1.01}
+
+    monkeypatch.setattr(training, "evaluate_lm", off_by_one_percent)
+    assert main(["bench", "datastore", "--preset", "toy", "--out", str(tmp_path), "--quiet"]) == 1
+    payload = json.loads((tmp_path / "datastore.json").read_text())
+    assert not payload["check"]["passed"] and payload["results"] == []
+    assert "disagree with the evaluation" in payload["check"]["failures"][0]
 
 
 def test_internal_errors_are_one_line_unless_debug(tmp_path, monkeypatch, capsys):

@@ -105,6 +105,24 @@ def test_serve_suite_fails_when_its_check_fails(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "serve.png").exists()
 
 
+def test_serve_suite_fails_when_load_requests_fail(tmp_path, monkeypatch, capsys):
+    """The check passes, but every streamed load request is answered 503: the load row keeps its
+    error count in the JSON, and the suite shows no table and exits 1."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import contextlib
+
+    @contextlib.contextmanager
+    def busy(self, method, url, **kwargs):  # only the load loop streams
+        yield httpx.Response(503, text="busy")
+
+    monkeypatch.setattr(httpx.Client, "stream", busy)
+    payload = _failed_check("serve", tmp_path, capsys)
+    (load,) = payload["load"]
+    assert load["requests"] == 0 and load["errors"] > 0 and "load requests failed" in payload["check"]["failures"][0]
+    assert not (tmp_path / "serve.md").exists()
+
+
 def test_mqar_fails_when_its_sanity_check_fails(tmp_path, monkeypatch, capsys):
     """An untrained Transformer (learning rate 0) cannot pass the sanity check: no grid, exit 1."""
     from mnnn.bench import mqar

@@ -222,8 +222,11 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                     row, rss_trace[name] = load_rows(url, name, c)
                     load.append(row)
                     bar.update(1)
+                    if row["errors"]:  # a load figure with failed requests in it is no figure
+                        failures.append(f"{name}: {row['errors']} load requests failed (first: "
+                                        f"{row['first_errors'][0]})")
     payload = {"suite": "serve", "preset": preset, "check": {"passed": not failures, "failures": failures},
-               "results": followup + load, "followup": followup, "load": load,
+               "results": [] if failures else followup + load, "followup": followup, "load": load,
                "rss_trace": {k: [[round(t, 3), b] for t, b in v] for k, v in rss_trace.items()}, **provenance(c)}
     write_json(out_dir / "serve.json", payload)
     if failures:
