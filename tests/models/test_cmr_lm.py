@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 
 from mnnn.bench.cmr_checks import open_reads  # noqa: E402
 from mnnn.lm import build_model, generate, load_checkpoint_model, load_config  # noqa: E402
-from mnnn.models.cmr_lm import CMRLanguageModel, GPT2LM  # noqa: E402
+from mnnn.models.cmr_lm import GPT2LM  # noqa: E402
 from mnnn.training.checkpoint import load_checkpoint  # noqa: E402
 from mnnn.training.lm import evaluate_lm, train_lm  # noqa: E402
 
@@ -37,10 +37,6 @@ def _cmr(base_ckpt, **memory):
                         "memory": {**CMR, **memory}, "training": {}})
 
 
-def _open_gates(model: CMRLanguageModel) -> None:
-    open_reads(model.cmr)
-
-
 def _stream(model, segments):
     """Logits of each segment, read in order as one set of streams (memory carried)."""
     state = model.init_state(segments[0].shape[0])
@@ -66,7 +62,7 @@ def test_gpt2_checkpoint_keeps_the_tied_head(base_ckpt):
 
 def test_memory_off_is_the_base_and_on_reads_it(base_ckpt):
     model = _cmr(base_ckpt)
-    _open_gates(model)
+    open_reads(model.cmr)
     base, _ = load_checkpoint_model(base_ckpt)
     segs = [_ids(32, s).view(2, 16) for s in range(3)]
     on = _stream(model, segs)
@@ -85,7 +81,7 @@ def test_memory_off_is_the_base_and_on_reads_it(base_ckpt):
 @pytest.mark.parametrize("j", [0, 9, 15])
 def test_causal_through_the_lm_interface(base_ckpt, j):
     model = _cmr(base_ckpt)
-    _open_gates(model)
+    open_reads(model.cmr)
     segs = [_ids(32, s).view(2, 16) for s in range(3)]
     changed = [s.clone() for s in segs]
     changed[1][:, j] = (changed[1][:, j] + 1) % V
@@ -97,7 +93,7 @@ def test_causal_through_the_lm_interface(base_ckpt, j):
 
 def test_a_stream_alone_equals_the_stream_in_a_batch(base_ckpt):
     model = _cmr(base_ckpt)
-    _open_gates(model)
+    open_reads(model.cmr)
     segs = [_ids(48, s).view(3, 16) for s in range(3)]
     batch = _stream(model, segs)
     alone = _stream(model, [s[1:2] for s in segs])
@@ -157,7 +153,7 @@ def _train_cmr(base_ckpt, out, max_steps, **kw):
     cfg = {"model": {"name": "cmr", "base": str(base_ckpt), "vocab_size": V}, "memory": dict(CMR), "training": {}}
     torch.manual_seed(3)
     model = build_model(cfg)
-    _open_gates(model)
+    open_reads(model.cmr)
     hist = train_lm(model, _ids(4000, 5), batch_size=2, seq_len=16, max_steps=max_steps, time_budget_s=None,
                     learning_rate=1e-2, warmup=1, out_dir=out, config=cfg, **kw)
     return hist, model
@@ -194,7 +190,7 @@ def test_a_memory_state_reads_the_same_in_a_fresh_model(base_ckpt):
     """Continuing from a state handed out earlier (or by another model) reads that memory, not
     what the model went on to store; a state of another configuration is refused clearly."""
     model = _cmr(base_ckpt)
-    _open_gates(model)
+    open_reads(model.cmr)
     segs = [_ids(32, s).view(2, 16) for s in range(4)]
     with torch.no_grad():
         state = model.init_state(2)
