@@ -64,6 +64,10 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
         check = payload["check"]
         assert check["passed"] and check["tokens"] > payload["results"][0]["context"]
         assert check["memory_effect"]["s3cmn"] > 0 and check["memory_effect"]["text_native_ssmn"] > 0
+        # S3CMN is timed twice, model.step and its lean decoder, which the check compared too
+        assert check["max_abs_err"]["s3cmn_decoder"] < 1e-3
+        names = [r["model"] for r in payload["results"]]
+        assert names.count("s3cmn_decoder") == names.count("s3cmn") == len(set(r["context"] for r in payload["results"]))
     if suite == "mqar":  # the toy preset sweeps two learning rates and keeps each model's best
         assert payload["check"]["passed"] and payload["sanity"]["accuracy"] >= 0.9
         for row in payload["results"]:
@@ -313,11 +317,12 @@ def test_series_fails_when_its_data_or_an_estimator_is_broken(broken, tmp_path, 
         assert [f.split(":")[0] for f in failures] == ["lstm", "lstm"] and "future leak" in failures[1]
 
 
-@pytest.mark.parametrize("broken", ["future leak", "memory off", "frozen fast weights"])
+@pytest.mark.parametrize("broken", ["future leak", "memory off", "frozen fast weights", "decoder"])
 def test_streaming_fails_when_a_model_is_broken(broken, tmp_path, monkeypatch, capsys):
     """A model whose parallel forward sees the next token (the step path cannot), an S3CMN built
-    without its memory, or an SSMN that never writes its fast weights: the check fails before
-    anything is timed, the JSON holds no rows and the suite exits 1."""
+    without its memory, an SSMN that never writes its fast weights, or an S3CMN decoder that
+    forgets to mix its memory in: the check fails before anything is timed, the JSON holds no
+    rows and the suite exits 1."""
     import torch
 
     from mnnn.bench import streaming
@@ -347,10 +352,17 @@ def test_streaming_fails_when_a_model_is_broken(broken, tmp_path, monkeypatch, c
                 layer.eta = 0.0  # the rule's switch: every write stops
         return models
 
-    monkeypatch.setattr(streaming, "build", build)
+    if broken == "decoder":
+        from mnnn.models.s3cmn_decode import S3CMNDecoder
+
+        monkeypatch.setattr(S3CMNDecoder, "_mix", lambda self, om, feats, token, logits, state, theta:
+                            torch.log_softmax(logits, -1))
+    else:
+        monkeypatch.setattr(streaming, "build", build)
     failures = _failed_check("streaming", tmp_path, capsys)["check"]["failures"]
     expected = {"future leak": ["lstm: step path differs", "lstm: the forward in chunks differs"],
                 "memory off": ["s3cmn: switching its memory off moved no logit"],
+                "decoder": ["s3cmn_decoder: the lean decoder differs from the parallel forward"],
                 "frozen fast weights": ["text_native_ssmn: switching its fast weights off moved no logit"]}[broken]
     assert [f[: len(e)] for f, e in zip(failures, expected)] == expected and len(failures) == len(expected)
 

@@ -9,7 +9,9 @@ context length L:
 
 * recurrent models (S3CMN, Text-Native SSMN, LSTM) read L tokens through their parallel forward
   in chunks of ``chunk`` with the state carried (chunks == whole is tested), then ``steps``
-  single tokens are timed one by one (median);
+  single tokens are timed one by one (median); S3CMN twice: ``model.step`` and its lean decoder
+  (:class:`mnnn.models.s3cmn_decode.S3CMNDecoder`, row ``s3cmn_decoder``, from the same context
+  state; the check compares its logits with the parallel forward's too);
 * the Transformer gets a KV cache of L random keys/values per layer (its decode cost depends on
   the cache length, not on its content; a real prefill of 64k tokens would need a 64k x 64k
   attention) and ``steps`` decode steps are timed the same way.
@@ -32,6 +34,7 @@ from mnnn.bench.common import markdown_table, provenance, write_json
 from mnnn.bench.switches import memory_off
 from mnnn.models.lm_baselines import LSTMLM, TransformerLM
 from mnnn.models.s3cmn import S3CMN
+from mnnn.models.s3cmn_decode import S3CMNDecoder
 from mnnn.models.ssmn import TextNativeSSMN
 from mnnn.state import step_through
 
@@ -97,6 +100,13 @@ def verify(models, c: dict[str, Any]) -> dict[str, Any]:
         errs[name] = float((steps - full).abs().max())
         if errs[name] > 1e-3:
             failures.append(f"{name}: step path differs from the parallel forward by {errs[name]:.2e}")
+        if name == "s3cmn":
+            dec = S3CMNDecoder(model)
+            decoded, _ = step_through(dec, x)
+            errs["s3cmn_decoder"] = float((decoded - full).abs().max())
+            if errs["s3cmn_decoder"] > 1e-3:
+                failures.append(f"s3cmn_decoder: the lean decoder differs from the parallel forward by "
+                                f"{errs['s3cmn_decoder']:.2e}")
         if name == "transformer_kv":
             continue
         chunked, carried = [], model.init_state(2)
@@ -156,11 +166,17 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
         write_json(out_dir / "streaming.json", {**base, "results": []})
         return {**base, "results": []}
     models = {k: m.to(device) for k, m in models.items()}
+    timed = {}  # row -> (what steps, the model that reads the context, the context state -> the stepper's)
+    for name, model in models.items():
+        timed[name] = (model, model, lambda state: state)
+        if name == "s3cmn":
+            dec = S3CMNDecoder(model)
+            timed["s3cmn_decoder"] = (dec, model, dec.from_state)
     rows = []
-    with tqdm(total=len(models) * len(c["contexts"]), desc="streaming", disable=not progress) as bar:
+    with tqdm(total=len(timed) * len(c["contexts"]), desc="streaming", disable=not progress) as bar:
         for L in c["contexts"]:
-            for name, model in models.items():
-                state = _context_state(name, model, L, c, device)
+            for name, (stepper, model, convert) in timed.items():
+                state = convert(_context_state(name, model, L, c, device))
                 state_bytes = _bytes(state)
                 token = torch.zeros(1, dtype=torch.long, device=device)
                 if device == "cuda":
@@ -169,7 +185,7 @@ def run(out_dir: str | Path, preset: str = "default", progress: bool = True) -> 
                 with torch.no_grad():
                     for i in range(c["steps"] + 2):
                         start = time.perf_counter()
-                        _, state = model.step(token, state)
+                        _, state = stepper.step(token, state)
                         if device == "cuda":
                             torch.cuda.synchronize()
                         if i >= 2:
