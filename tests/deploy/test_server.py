@@ -190,6 +190,23 @@ def test_stateless_model_session_keeps_its_history():
     assert session.context == [1, 2, 3] + first + [4, 5] + follow[:-1]
 
 
+def test_s3cmn_generates_through_its_decoder_as_through_step():
+    """The engine's S3CMN path (the lean decoder, state converted for the next prompt and back)
+    leaves a session where model.step leaves it: same logits after prompt, generation, prompt."""
+    engines = [InferenceEngine(tiny_s3cmn()), InferenceEngine(tiny_s3cmn())]
+    assert engines[0].decoder is not None
+    engines[1].decoder = None  # model.step for every generated token
+    sessions, tokens = [], []
+    for engine in engines:
+        session = engine.read(Session(), [3, 1, 4, 1, 5])
+        tokens.append(list(engine.generate(session, 6, temperature=1.0, seed=3, keep_state=True)))
+        engine.read(session, [9, 2, 6])
+        sessions.append(session)
+    assert tokens[0] == tokens[1]
+    torch.testing.assert_close(sessions[0].logits, sessions[1].logits, rtol=1e-5, atol=1e-5)
+    assert engines[0].stats()["spike_rate"] == pytest.approx(engines[1].stats()["spike_rate"], abs=1e-6)
+
+
 def test_engine_refuses_models_with_shared_buffer_stores():
     model = S3CMN(vocab_size=V, embedding_dim=16, hidden_dim=16, num_layers=1, d_state=4, max_len=64,
                   memory_size=32, memory_fusion="membrane")

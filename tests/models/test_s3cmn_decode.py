@@ -109,6 +109,26 @@ def test_decoder_streams_are_independent_and_its_state_is_updated_in_place():
     assert isinstance(kept, DecodeState)
 
 
+@torch.no_grad()
+def test_decoder_records_spike_statistics_when_asked():
+    model = _model()
+    x = torch.randint(0, V, (2, 30), generator=torch.Generator().manual_seed(4))
+    _steps(model.step, x, model.init_state(2))
+    want = model.get_stats()
+    model.reset_stats()
+    dec = S3CMNDecoder(model)
+    _steps(dec.step, x, dec.init_state(2))
+    assert model.get_stats() != want  # nothing recorded
+    model.reset_stats()
+    dec = S3CMNDecoder(model, record_stats=True)
+    _steps(dec.step, x, dec.init_state(2))
+    got = model.get_stats()
+    assert abs(got["spike_rate"] - want["spike_rate"]) < 1e-6 and want["spike_rate"] > 0
+    for a, b in zip(got["blocks"], want["blocks"]):
+        for key in ("spikes_per_token", "silent_fraction", "steps", "first_spike_time"):
+            assert abs(a["spikes"][key] - b["spikes"][key]) < 1e-6, key
+
+
 def test_decoder_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="memory_fusion='membrane'"):
         S3CMNDecoder(_model(memory_fusion="membrane"))

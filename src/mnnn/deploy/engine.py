@@ -10,6 +10,11 @@ tokens per step, which is what a stateless server does.
 Because stream == chunks == steps for every mnnn model, a session that read ``P1``, generated
 ``G1`` and then reads ``P2`` is in the same state as a fresh session given ``P1 + G1 + P2``; the
 ``serve`` benchmark checks exactly that before it times anything.
+
+An S3CMN (output memory or none, no datastore attached) generates through its lean decoder
+(:class:`mnnn.models.s3cmn_decode.S3CMNDecoder`, which records its spike counts as ``step`` does):
+the prompt is read by the parallel forward, the session's state converted once into the
+decoder's form for the generated tokens and back when the next prompt arrives.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from mnnn.models.lm_baselines import NoState
+from mnnn.models.s3cmn import S3CMN
+from mnnn.models.s3cmn_decode import DecodeState, S3CMNDecoder
 from mnnn.sampling import check_sampling, sample_token
 
 PREFILL_CHUNK = 256  # prompt positions per forward: bounds the [T, vocab] logits of a long prompt
@@ -67,6 +74,7 @@ class InferenceEngine:
         self.tokenizer = tokenizer
         self.lock = threading.RLock()
         self.stateful = not isinstance(model.init_state(1), NoState)
+        self.decoder = S3CMNDecoder(model, record_stats=True) if isinstance(model, S3CMN) and not stores else None
         self.max_context = int(max_context or getattr(model, "max_len", 512))
         from mnnn.lm import vocab_size  # the model's vocab_size, else its token embedding's rows
 
@@ -108,6 +116,8 @@ class InferenceEngine:
         if not self.stateful:
             return self._read_stateless(session, ids)
         state = session.state if session.state is not None else self.model.init_state(1)
+        if isinstance(state, DecodeState):  # left by a generation: back to the model's form
+            state = self.decoder.to_state(state)
         nll, scored, logits = 0.0, 0, session.logits
         with self.lock:
             for start in range(0, len(ids), PREFILL_CHUNK):
@@ -172,8 +182,19 @@ class InferenceEngine:
             self._read_stateless(session, [token])
             return
         with self.lock:
-            logits, session.state = self.model(torch.tensor([[token]], device=self.device), session.state)
-        session.logits = logits[0, -1]
+            om = getattr(self.model, "output_memory", None)
+            if self.decoder is not None and getattr(om, "datastore", None) is None:
+                state = session.state
+                if not isinstance(state, DecodeState):
+                    state = self.decoder.from_state(state)
+                logits, session.state = self.decoder.step(torch.tensor([token], device=self.device), state)
+                session.logits = logits[0]
+            else:
+                state = session.state
+                if isinstance(state, DecodeState):  # (a datastore attached since the last token)
+                    state = self.decoder.to_state(state)
+                logits, session.state = self.model(torch.tensor([[token]], device=self.device), state)
+                session.logits = logits[0, -1]
         session.tokens_seen += 1
 
     # ---- monitoring ----------------------------------------------------------------------------

@@ -19,8 +19,9 @@ forms, so a context read by the parallel forward (in chunks) continues here and 
 (``tests/models/test_s3cmn_decode.py``). It covers the default configuration — output memory, or
 no memory — with reads on or switched off (``set_memory_enabled``); a model with the membrane
 memory (``memory_fusion='membrane'`` or ``'both'``) or an attached datastore is refused with the
-reason. It records no statistics (spike counts, memory reads): it is the streaming and generation
-path, and ``model.step`` stays the reference.
+reason. With ``record_stats=True`` the spike counts go into the model's spiking layers as
+``model.step`` puts them (the serving engine's spike rate); otherwise it records nothing. A step
+without targets records no memory statistics in either path. ``model.step`` stays the reference.
 """
 
 from __future__ import annotations
@@ -53,16 +54,18 @@ class DecodeState(TensorState):
 
 
 class S3CMNDecoder:
-    """``S3CMNDecoder(model)``: see the module docstring. ``step(token [B], state) -> (logits
-    [B, vocab], state)``; ``init_state(B)``, ``from_state(S3CMNState)``, ``to_state(DecodeState)``."""
+    """``S3CMNDecoder(model, record_stats=False)``: see the module docstring. ``step(token [B],
+    state) -> (logits [B, vocab], state)``; ``init_state(B)``, ``from_state(S3CMNState)``,
+    ``to_state(DecodeState)``."""
 
-    def __init__(self, model: S3CMN):
+    def __init__(self, model: S3CMN, record_stats: bool = False):
         if not isinstance(model, S3CMN):
             raise TypeError(f"S3CMNDecoder needs an S3CMN, got {type(model).__name__}")
         if any(block.memory is not None for block in model.blocks):
             raise ValueError(f"S3CMNDecoder covers memory_fusion='output' (or no memory); this model has "
                              f"memory_fusion={model.config.memory_fusion!r}: use model.step")
         self.model = model
+        self.record_stats = bool(record_stats)
         self._key: tuple | None = None
         self._earlier: dict[int, torch.Tensor] = {}  # k -> [k, k] strictly lower triangle
 
@@ -157,6 +160,8 @@ class S3CMNDecoder:
             else:
                 mem.mul_(fired.neg_().add_(1.0).mul_(sp.beta)).add_(current)
             spikes = (mem > sp.threshold).to(current.dtype)
+            if self.record_stats:
+                sp._accumulate(spikes[:, None])
             x = x + F.linear(spikes, block.spk_out.weight, block.spk_out.bias)
         feats = F.linear(F.layer_norm(x, x.shape[-1:], m.ln_out.weight, m.ln_out.bias, m.ln_out.eps),
                          m.down.weight, m.down.bias)
