@@ -31,6 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(BIN)/mnnn bench all --out runs/bench
+	$(BIN)/mnnn bench mqar --preset steps-small --out runs/bench
 	$(BIN)/python -m mnnn.bench.readme --results runs/bench
 
 clean:
