@@ -104,8 +104,14 @@ def test_decoder_streams_are_independent_and_its_state_is_updated_in_place():
     _close(_steps(dec.step, y, dec.init_state(2))[0][0], both[0])
     state = dec.init_state(1)
     kept = state.clone()
-    _, same = dec.step(x[0, :1], state)
+    logits, same = dec.step(x[0, :1], state)
     assert same is state and int(state.pos) == 1 and int(kept.pos) == 0
+    # ordinary tensors out (the step runs under inference mode): usable where autograd saves them
+    assert not logits.is_inference() and not any(t.is_inference() for t in state.tensors().values())
+    with torch.enable_grad():
+        w = torch.ones(V, requires_grad=True)
+        (logits * w).sum().backward()
+    assert torch.equal(w.grad, logits[0])
     assert isinstance(kept, DecodeState)
 
 
@@ -123,6 +129,8 @@ def test_decoder_records_spike_statistics_when_asked():
     dec = S3CMNDecoder(model, record_stats=True)
     _steps(dec.step, x, dec.init_state(2))
     got = model.get_stats()
+    _steps(model.step, x[:, :3], model.init_state(2))  # the counts (made under inference mode) add up on
+    assert model.get_stats()["blocks"][0]["spikes"]["steps"] == got["blocks"][0]["spikes"]["steps"] + 6
     assert abs(got["spike_rate"] - want["spike_rate"]) < 1e-6 and want["spike_rate"] > 0
     for a, b in zip(got["blocks"], want["blocks"]):
         for key in ("spikes_per_token", "silent_fraction", "steps", "first_spike_time"):
