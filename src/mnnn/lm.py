@@ -268,8 +268,10 @@ def prompt_ids(tokens: Any, vocab: int) -> list[int]:
 def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int = 50, temperature: float = 1.0,
              top_k: int | None = 50, seed: int | None = None) -> list[int]:
     """Sample after a prompt: one parallel pass over the prompt, then one step per new token
-    (models without a recurrent state re-read their context). ``temperature`` below 1e-5 is
-    greedy decoding (argmax); ``top_k`` None or >= 1; ``max_new_tokens`` >= 1."""
+    (models without a recurrent state re-read their context; an S3CMN steps through its lean
+    :class:`~mnnn.models.s3cmn_decode.S3CMNDecoder`, same logits to rounding). ``temperature``
+    below 1e-5 is greedy decoding (argmax); ``top_k`` None or >= 1; ``max_new_tokens`` >= 1."""
+    from mnnn.models.s3cmn_decode import decoder_for
     from mnnn.sampling import check_sampling
 
     tokens = prompt_ids(tokens, vocab_size(model))
@@ -283,11 +285,17 @@ def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int = 50
     gen = torch.Generator(device=device).manual_seed(seed if seed is not None else int(torch.randint(2**31, (1,))))
     context = torch.tensor([tokens], device=device)
     logits, state = model(context, model.init_state(1))
+    decoder = decoder_for(model, record_stats=True)
+    if decoder is not None:
+        state = decoder.from_state(state)
     out: list[int] = []
     for _ in range(max_new_tokens):
         tok = sample_token(logits[0, -1], temperature, top_k, None, gen)
         out.append(tok)
-        if isinstance(state, NoState):
+        if decoder is not None:
+            step_logits, state = decoder.step(torch.tensor([tok], device=device), state)
+            logits = step_logits[:, None]
+        elif isinstance(state, NoState):
             context = torch.cat([context, torch.tensor([[tok]], device=device)], 1)[:, -getattr(model, "max_len", 512):]
             logits, state = model(context, state)
         else:

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mnnn.models.s3cmn import S3CMN
-from mnnn.models.s3cmn_decode import DecodeState, S3CMNDecoder
+from mnnn.models.s3cmn_decode import DecodeState, S3CMNDecoder, decoder_for
+from tests.harness import greedy_reference
 
 V = 50
 
@@ -135,6 +136,27 @@ def test_decoder_records_spike_statistics_when_asked():
     for a, b in zip(got["blocks"], want["blocks"]):
         for key in ("spikes_per_token", "silent_fraction", "steps", "first_spike_time"):
             assert abs(a["spikes"][key] - b["spikes"][key]) < 1e-6, key
+
+
+@torch.no_grad()
+def test_generate_steps_through_the_decoder_and_falls_back_without_one():
+    """``mnnn.lm.generate`` on an S3CMN decodes through S3CMNDecoder: greedy, it continues as the
+    model's own step loop does, past the cache's capacity; ``decoder_for`` names the models it
+    leaves to their own step (the membrane memory, an attached datastore, other LMs)."""
+    from mnnn.lm import generate
+    from mnnn.memory.datastore import build_datastore
+    from mnnn.models.lm_baselines import LSTMLM
+
+    model = _model()
+    prompt = torch.randint(0, V, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert isinstance(decoder_for(model), S3CMNDecoder)
+    assert generate(model, prompt, 20, temperature=0) == greedy_reference(model, prompt, 20)
+    assert decoder_for(_model(memory_fusion="membrane")) is None and decoder_for(LSTMLM(V, 8, 8)) is None
+    store = build_datastore(model, torch.randint(0, V, (200,), generator=torch.Generator().manual_seed(6)),
+                            batch_size=2, seq_len=16)
+    model.attach_datastore(store)
+    assert decoder_for(model) is None
+    assert generate(model, prompt, 5, temperature=0) == greedy_reference(model, prompt, 5)
 
 
 def test_decoder_refuses_what_it_does_not_cover():

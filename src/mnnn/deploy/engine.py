@@ -74,6 +74,7 @@ class InferenceEngine:
         self.tokenizer = tokenizer
         self.lock = threading.RLock()
         self.stateful = not isinstance(model.init_state(1), NoState)
+        # (built even while a datastore is attached: _advance falls back to the model while one is)
         self.decoder = S3CMNDecoder(model, record_stats=True) if isinstance(model, S3CMN) and not stores else None
         self.max_context = int(max_context or getattr(model, "max_len", 512))
         from mnnn.lm import vocab_size  # the model's vocab_size, else its token embedding's rows

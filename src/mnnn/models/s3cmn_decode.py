@@ -40,6 +40,16 @@ from mnnn.state import TensorState
 _SQRT_HALF = math.sqrt(0.5)
 
 
+def decoder_for(model, record_stats: bool = False) -> "S3CMNDecoder | None":
+    """The lean decoder of ``model`` where it covers it (an S3CMN with output memory or none and no
+    datastore attached), else None: the caller steps ``model`` itself."""
+    if not isinstance(model, S3CMN) or any(block.memory is not None for block in model.blocks):
+        return None
+    if model.output_memory is not None and model.output_memory.datastore is not None:
+        return None
+    return S3CMNDecoder(model, record_stats)
+
+
 @dataclasses.dataclass
 class DecodeState(TensorState):
     """Updated in place by :meth:`S3CMNDecoder.step` (``clone()`` keeps a copy)."""
