@@ -67,7 +67,8 @@ def test_suite_toy_writes_json_table_plot(suite, tmp_path):
         # S3CMN is timed twice, model.step and its lean decoder, which the check compared too
         assert check["max_abs_err"]["s3cmn_decoder"] < 1e-3
         names = [r["model"] for r in payload["results"]]
-        assert names.count("s3cmn_decoder") == names.count("s3cmn") == len(set(r["context"] for r in payload["results"]))
+        contexts = {r["context"] for r in payload["results"]}
+        assert names.count("s3cmn_decoder") == names.count("s3cmn") == len(contexts)
     if suite == "mqar":  # the toy preset sweeps two learning rates and keeps each model's best
         assert payload["check"]["passed"] and payload["sanity"]["accuracy"] >= 0.9
         for row in payload["results"]:
