@@ -90,6 +90,11 @@ def test_decoder_from_scratch_with_memory_off_zero_reset_and_new_weights():
     for p in model.parameters():
         p.add_(0.01 * torch.randn_like(p))
     _close(_steps(dec.step, x, dec.init_state(2))[0], _steps(model.step, x, model.init_state(2))[0])
+    # each tensor a derived value comes from, changed alone, is seen
+    for p in (model.blocks[1].ssm.log_dt, model.hyena.filter[0].weight, model.hyena.short.weight,
+              model.output_memory.log_theta):
+        p.add_(0.1)
+        _close(_steps(dec.step, x, dec.init_state(2))[0], _steps(model.step, x, model.init_state(2))[0])
 
 
 @torch.no_grad()
