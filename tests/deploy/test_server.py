@@ -207,6 +207,27 @@ def test_s3cmn_generates_through_its_decoder_as_through_step():
     assert engines[0].stats()["spike_rate"] == pytest.approx(engines[1].stats()["spike_rate"], abs=1e-6)
 
 
+@torch.no_grad()
+def test_engine_steps_the_model_while_a_datastore_is_attached():
+    """A datastore attached mid-session (only model.step reads one): the engine hands the session's
+    decoder state back to the model's form and continues exactly as an engine that never decoded."""
+    from mnnn.memory.datastore import build_datastore
+
+    engines = [InferenceEngine(tiny_s3cmn()), InferenceEngine(tiny_s3cmn())]
+    engines[1].decoder = None
+    store = build_datastore(engines[0].model, torch.randint(0, V, (200,), generator=torch.Generator().manual_seed(6)),
+                            batch_size=2, seq_len=16)
+    logits = []
+    for engine in engines:
+        session = engine.read(Session(), [3, 1, 4, 1, 5])
+        list(engine.generate(session, 4, temperature=0, keep_state=True))
+        engine.model.attach_datastore(store)
+        assert engine.decoder is None or not engine.decoder.usable
+        list(engine.generate(session, 3, temperature=0, keep_state=True))
+        logits.append(session.logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
 def test_engine_refuses_models_with_shared_buffer_stores():
     model = S3CMN(vocab_size=V, embedding_dim=16, hidden_dim=16, num_layers=1, d_state=4, max_len=64,
                   memory_size=32, memory_fusion="membrane")

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from mnnn.models.lm_baselines import NoState
-from mnnn.models.s3cmn import S3CMN
 from mnnn.models.s3cmn_decode import DecodeState, S3CMNDecoder
 from mnnn.sampling import check_sampling, sample_token
 
@@ -74,8 +73,8 @@ class InferenceEngine:
         self.tokenizer = tokenizer
         self.lock = threading.RLock()
         self.stateful = not isinstance(model.init_state(1), NoState)
-        # (built even while a datastore is attached: _advance falls back to the model while one is)
-        self.decoder = S3CMNDecoder(model, record_stats=True) if isinstance(model, S3CMN) and not stores else None
+        # (built even while a datastore is attached: _advance steps the model while one is)
+        self.decoder = S3CMNDecoder(model, record_stats=True) if S3CMNDecoder.covers(model) else None
         self.max_context = int(max_context or getattr(model, "max_len", 512))
         from mnnn.lm import vocab_size  # the model's vocab_size, else its token embedding's rows
 
@@ -183,15 +182,13 @@ class InferenceEngine:
             self._read_stateless(session, [token])
             return
         with self.lock:
-            om = getattr(self.model, "output_memory", None)
-            if self.decoder is not None and getattr(om, "datastore", None) is None:
-                state = session.state
+            state = session.state
+            if self.decoder is not None and self.decoder.usable:
                 if not isinstance(state, DecodeState):
                     state = self.decoder.from_state(state)
                 logits, session.state = self.decoder.step(torch.tensor([token], device=self.device), state)
                 session.logits = logits[0]
             else:
-                state = session.state
                 if isinstance(state, DecodeState):  # (a datastore attached since the last token)
                     state = self.decoder.to_state(state)
                 logits, session.state = self.model(torch.tensor([[token]], device=self.device), state)

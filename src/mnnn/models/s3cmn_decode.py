@@ -43,11 +43,10 @@ _SQRT_HALF = math.sqrt(0.5)
 def decoder_for(model, record_stats: bool = False) -> "S3CMNDecoder | None":
     """The lean decoder of ``model`` where it covers it (an S3CMN with output memory or none and no
     datastore attached), else None: the caller steps ``model`` itself."""
-    if not isinstance(model, S3CMN) or any(block.memory is not None for block in model.blocks):
+    if not S3CMNDecoder.covers(model):
         return None
-    if model.output_memory is not None and model.output_memory.datastore is not None:
-        return None
-    return S3CMNDecoder(model, record_stats)
+    decoder = S3CMNDecoder(model, record_stats)
+    return decoder if decoder.usable else None
 
 
 @dataclasses.dataclass
@@ -74,13 +73,25 @@ class S3CMNDecoder:
     def __init__(self, model: S3CMN, record_stats: bool = False):
         if not isinstance(model, S3CMN):
             raise TypeError(f"S3CMNDecoder needs an S3CMN, got {type(model).__name__}")
-        if any(block.memory is not None for block in model.blocks):
+        if not self.covers(model):
             raise ValueError(f"S3CMNDecoder covers memory_fusion='output' (or no memory); this model has "
                              f"memory_fusion={model.config.memory_fusion!r}: use model.step")
         self.model = model
         self.record_stats = bool(record_stats)
         self._key: tuple | None = None
         self._earlier: dict[int, torch.Tensor] = {}  # k -> [k, k] strictly lower triangle
+
+    @staticmethod
+    def covers(model) -> bool:
+        """Whether the decoder can run ``model``: an S3CMN whose blocks keep no membrane memory."""
+        return isinstance(model, S3CMN) and all(block.memory is None for block in model.blocks)
+
+    @property
+    def usable(self) -> bool:
+        """False while a datastore is attached to the model's output memory (only ``model.step``
+        reads one); attaching or detaching one flips it."""
+        om = self.model.output_memory
+        return om is None or om.datastore is None
 
     # ---- derived weights -----------------------------------------------------------------------------
     def _sources(self) -> tuple[torch.Tensor, ...]:
@@ -170,8 +181,7 @@ class S3CMNDecoder:
             raise ValueError(f"token must be [{state.short.shape[0]}] integer ids, got {tuple(token.shape)} {token.dtype}")
         if not bool(((token >= 0) & (token < cfg.vocab_size)).all()):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got [{int(token.min())}, {int(token.max())}]")
-        om = m.output_memory
-        if om is not None and om.datastore is not None:
+        if not self.usable:
             raise ValueError("S3CMNDecoder does not read a datastore; detach it or use model.step")
         d = self._derived()
         with torch.inference_mode():
