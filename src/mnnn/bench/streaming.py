@@ -72,8 +72,11 @@ def verify_length(models, c: dict[str, Any]) -> int:
     """Tokens the check runs: past S3CMN's memory capacity (its output cache evicts: a stream holds
     ``memory_size`` entries) and second membrane store, and past the SSMN's window (so it slides),
     plus a few."""
-    cfg = models["s3cmn"].config if "s3cmn" in models else None
-    return max(cfg.memory_size + 1 if cfg else 0, 2 * cfg.memory_interval if cfg else 0, c["window"]) + 9
+    need = [c["window"]]
+    if "s3cmn" in models:
+        cfg = models["s3cmn"].config
+        need += [cfg.memory_size + 1, 2 * cfg.memory_interval]
+    return max(need) + 9
 
 
 @torch.no_grad()
@@ -95,7 +98,7 @@ def verify(models, c: dict[str, Any]) -> dict[str, Any]:
     memory_effect: dict[str, float] = {}
     for name, model in models.items():
         xs = x[:, :model.max_len] if name == "transformer_kv" else x  # (the toy Transformer is short)
-        full, state = model(xs)
+        full, _ = model(xs)
         steps, _ = step_through(model, xs, _init(model, 2))
         errs[name] = float((steps - full).abs().max())
         if errs[name] > 1e-3:
